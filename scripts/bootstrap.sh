@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs arcshard with its test tools into it.
+# torch is installed first and pinned to 2.13.0: on this project's CPU machines that
+# is a wheel on local disk; an unpinned `torch` would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==${ARCSHARD_TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
