@@ -1,0 +1,399 @@
+"""Typed training config: a YAML file plus `section.key=value` overrides, validated up front.
+
+`load_config(path, overrides)` reads the file (every section and key is optional; missing
+ones keep the defaults below), applies the overrides in order and validates the result
+before anything else runs. Every problem raises `ConfigError` with a one-line message that
+names the full key and what is allowed, e.g. `optim.lr: must be > 0, got -0.1`.
+
+Types are checked against the dataclass field annotations: an int is accepted (and
+converted) where a float is expected, a bool is never accepted as a number, `X | None`
+also accepts null, `Literal[...]` lists the allowed values and `list[str]` needs a list of
+strings. Numeric ranges are declared next to each field (`_bounded`); the few checks that
+involve more than one field live in `_check_consistency`.
+
+YAML is read with `yaml.SafeLoader` plus two fixes: `1e-3` is a float (PyYAML would read
+the string '1e-3') and a key repeated in one mapping is an error instead of silently
+keeping the last value. Relative paths are relative to the working directory.
+
+`save_config` writes the resolved config (`Config.to_yaml()`); loading that file again
+gives an equal `Config`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "BackboneConfig",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistConfig",
+    "EvalConfig",
+    "MarginConfig",
+    "MetricsConfig",
+    "OptimConfig",
+    "PartialFCConfig",
+    "RunConfig",
+    "load_config",
+    "save_config",
+]
+
+# Every backbone in trainer.backbones takes 112x112 faces (their `input_size`).
+_BACKBONE_INPUT_SIZE = 112
+
+
+class ConfigError(ValueError):
+    """An invalid config: the message is one line naming the key (or file) and the fix."""
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """A numeric interval; `None` ends are unbounded."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, x: float) -> bool:
+        return not (
+            (self.ge is not None and not x >= self.ge)
+            or (self.gt is not None and not x > self.gt)
+            or (self.le is not None and not x <= self.le)
+            or (self.lt is not None and not x < self.lt)
+        )
+
+    def __str__(self) -> str:
+        low = self.ge if self.ge is not None else self.gt
+        high = self.le if self.le is not None else self.lt
+        if high is None:
+            return f"{'>=' if self.ge is not None else '>'} {low}"
+        if low is None:
+            return f"{'<=' if self.le is not None else '<'} {high}"
+        left, right = "[" if self.ge is not None else "(", "]" if self.le is not None else ")"
+        return f"in {left}{low}, {high}{right}"
+
+
+def _bounded(default: float, **bounds: float) -> Any:
+    """A dataclass field whose value must lie in `_Bounds(**bounds)`."""
+    return field(default=default, metadata={"bounds": _Bounds(**bounds)})
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "output/run"
+    name: str = "arcshard"  # run name used in logs and metrics
+    seed: int = _bounded(0, ge=0)
+    epochs: int = _bounded(1, ge=0)
+    max_steps: int = _bounded(0, ge=0)  # >0: stop after this many optimizer steps, overriding epochs
+    log_every: int = _bounded(10, ge=1)  # steps
+    max_nonfinite: int = _bounded(5, ge=1)  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "iresnet50"  # one of trainer.backbones.available_backbones()
+    embedding_size: int = _bounded(512, ge=1)
+    dropout: float = _bounded(0.0, ge=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    channels_last: bool = True
+
+
+@dataclass
+class MarginConfig:
+    """Target logit s*(cos(m1*theta + m2) - m3): ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4)."""
+
+    s: float = _bounded(64.0, gt=0)
+    m1: float = _bounded(1.0, ge=1)
+    m2: float = _bounded(0.5, ge=0)
+    m3: float = _bounded(0.0, ge=0)
+    interclass_filter: float = _bounded(0.0, ge=0, lt=1)  # 0 disables; otherwise a cosine threshold
+
+
+@dataclass
+class PartialFCConfig:
+    sample_rate: float = _bounded(1.0, gt=0, le=1)  # share of each rank's class centres used per step
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = _bounded(0.1, gt=0)  # peak learning rate, reached after warmup
+    momentum: float = _bounded(0.9, ge=0, lt=1)
+    weight_decay: float = _bounded(5e-4, ge=0)
+    clip_grad_norm: float = _bounded(5.0, ge=0)  # 0 disables
+    warmup_steps: int = _bounded(0, ge=0)
+    schedule: Literal["polynomial", "cosine"] = "polynomial"
+    power: float = _bounded(2.0, gt=0)  # polynomial exponent
+    min_lr: float = _bounded(0.0, ge=0)  # must not exceed lr
+    grad_accum_steps: int = _bounded(1, ge=1)
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "recordio"] = "synthetic"
+    path: str | None = None  # dataset directory; required (and must exist) for recordio
+    batch_size: int = _bounded(128, ge=1)  # per rank
+    workers: int = _bounded(2, ge=0)
+    num_classes: int = _bounded(1000, ge=1)
+    num_samples: int = _bounded(10000, ge=1)  # synthetic: images per epoch
+    image_size: int = 112  # side of the square input faces; the backbones need 112
+    synthetic_mode: Literal["identities", "noise"] = "identities"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _bounded(0, ge=0)  # steps; 0: only at the end
+    keep: int = _bounded(3, ge=1)
+
+
+@dataclass
+class EvalConfig:
+    targets: list[str] = field(default_factory=list)  # verification .bin files; each must exist
+    every: int = _bounded(0, ge=0)  # steps
+
+
+@dataclass
+class MetricsConfig:
+    port: int = _bounded(0, ge=0, le=65535)  # Prometheus exporter; 0 disables
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: float = _bounded(1800.0, gt=0)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    margin: MarginConfig = field(default_factory=MarginConfig)
+    partial_fc: PartialFCConfig = field(default_factory=PartialFCConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
+
+
+_SECTIONS: dict[str, type] = get_type_hints(Config)
+_FIELD_TYPES: dict[str, dict[str, Any]] = {name: get_type_hints(cls) for name, cls in _SECTIONS.items()}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float and rejects a key repeated in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings `_Loader` would read as something else (e.g. '1e3')."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+    )
+
+
+def _parse_yaml(text: str) -> Any:
+    """`text` parsed with `_Loader`; a YAML error becomes a one-line ConfigError (no prefix)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"invalid YAML{where}: {problem}") from None
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _check_key(section: str, key: str | None = None) -> None:
+    if section not in _SECTIONS:
+        raise ConfigError(f"unknown section {section!r} (allowed: {', '.join(_SECTIONS)})")
+    if key is not None and key not in _FIELD_TYPES[section]:
+        allowed = ", ".join(_FIELD_TYPES[section])
+        raise ConfigError(f"unknown key '{section}.{key}' (allowed in {section}: {allowed})")
+
+
+def _read_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The file's sections as plain dicts; unknown sections and keys are errors."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    try:
+        data = _parse_yaml(text)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: top level must be a mapping of sections ({', '.join(_SECTIONS)}), "
+            f"got {_describe(data)}"
+        )
+    sections: dict[str, dict[str, Any]] = {}
+    for name, values in data.items():
+        _check_key(str(name))
+        values = {} if values is None else values  # a section with every key commented out
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {_describe(values)}")
+        for key in values:
+            _check_key(name, str(key))
+        sections[name] = dict(values)
+    return sections
+
+
+def _apply_override(sections: dict[str, dict[str, Any]], override: str) -> None:
+    key, sep, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2:
+        raise ConfigError(f"override {override!r}: expected section.key=value, e.g. optim.lr=0.05")
+    try:
+        _check_key(*parts)
+        value = _parse_yaml(text)
+    except ConfigError as e:
+        raise ConfigError(f"override {override!r}: {e}") from None
+    sections.setdefault(parts[0], {})[parts[1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    return f"list of {_type_name(get_args(tp)[0])}" if get_origin(tp) is list else tp.__name__
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """`value` checked against the annotation `tp` (converted where allowed); ConfigError names `key`."""
+    nullable = get_origin(tp) in (Union, UnionType)  # only `X | None` is used
+    if nullable:
+        if value is None:
+            return None
+        (tp,) = [arg for arg in get_args(tp) if arg is not type(None)]
+    if get_origin(tp) is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(get_args(tp))}")
+    if get_origin(tp) is list:
+        if isinstance(value, list):
+            return [_coerce(f"{key}[{i}]", item, get_args(tp)[0]) for i, item in enumerate(value)]
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value}")
+            return float(value)
+    elif isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
+        return value
+    expected = _type_name(tp) + (" or null" if nullable else "")
+    raise ConfigError(f"{key}: expected {expected}, got {_describe(value)}")
+
+
+def _build(sections: dict[str, dict[str, Any]]) -> Config:
+    built = {}
+    for name, cls in _SECTIONS.items():
+        types = _FIELD_TYPES[name]
+        values = sections.get(name, {})
+        built[name] = cls(**{key: _coerce(f"{name}.{key}", v, types[key]) for key, v in values.items()})
+    return Config(**built)
+
+
+def _require_path(key: str, path: str) -> None:
+    if not os.path.exists(path):
+        raise ConfigError(f"{key}: {path} does not exist")
+
+
+def _check_bounds(cfg: Config) -> None:
+    for name in _SECTIONS:
+        section = getattr(cfg, name)
+        for f in fields(section):
+            bounds = f.metadata.get("bounds")
+            value = getattr(section, f.name)
+            if bounds is not None and value not in bounds:
+                raise ConfigError(f"{name}.{f.name}: must be {bounds}, got {value}")
+
+
+def _check_consistency(cfg: Config) -> None:
+    from trainer.backbones import available_backbones  # imports torch: only when validating
+
+    if cfg.run.epochs == 0 and cfg.run.max_steps == 0:
+        raise ConfigError("run.epochs: run.epochs and run.max_steps are both 0; set one of them > 0")
+    names = available_backbones()
+    if cfg.backbone.name not in names:
+        raise ConfigError(f"backbone.name: {cfg.backbone.name!r} is not one of {', '.join(names)}")
+    if cfg.data.image_size != _BACKBONE_INPUT_SIZE:
+        raise ConfigError(
+            f"data.image_size: must be {_BACKBONE_INPUT_SIZE} (the backbones' input size), "
+            f"got {cfg.data.image_size}"
+        )
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr: must be <= optim.lr ({cfg.optim.lr}), got {cfg.optim.min_lr}")
+    if cfg.data.source == "recordio":
+        if cfg.data.path is None:
+            raise ConfigError("data.path: required when data.source is recordio")
+        _require_path("data.path", cfg.data.path)
+    for i, target in enumerate(cfg.eval.targets):
+        _require_path(f"eval.targets[{i}]", target)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
+    """The config from `path` (None: all defaults) with `section.key=value` overrides applied
+    in order (values parsed as YAML: `optim.lr=0.05`, `eval.targets=[a.bin,b.bin]`,
+    `data.path=null`), validated; raises ConfigError."""
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a sequence of 'section.key=value' strings, not one string")
+    sections = {} if path is None else _read_file(path)
+    for override in overrides:
+        _apply_override(sections, override)
+    cfg = _build(sections)
+    _check_bounds(cfg)
+    _check_consistency(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    """Write `cfg.to_yaml()` to `path` atomically (temp file in the same directory + os.replace),
+    creating the directory if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(cfg.to_yaml())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
