@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -47,7 +48,9 @@ def _worker(fn, rank, world_size, port, args, results, collective_timeout) -> No
             out = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, True, out))
+        # Plain pickle copies tensors by value (torch's queue pickler would share their
+        # memory, which dies with this process).
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException as exc:  # report every failure, including SystemExit
         results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
@@ -84,7 +87,7 @@ def run_world(
                     f"within {timeout}s (hang?)"
                 ) from None
             if ok:
-                out[rank] = value
+                out[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}: {value}")
     finally:

@@ -100,6 +100,8 @@ class RunConfig:
     max_steps: int = _bounded(0, ge=0)  # >0: stop after this many optimizer steps, overriding epochs
     log_every: int = _bounded(10, ge=1)  # steps
     max_nonfinite: int = _bounded(5, ge=1)  # stop after this many non-finite losses in a row
+    # Fault injection for tests and drills: 1-based steps whose loss is replaced by NaN.
+    inject_nonfinite: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -1,0 +1,332 @@
+"""Train a face-recognition model: replicated backbone (DDP) + sharded Partial FC head.
+
+    torchrun --nproc_per_node 8 trainer/train.py --config trainer/configs/ms1mv3_r50.yaml
+    torchrun --nproc_per_node 2 trainer/train.py --config trainer/configs/cpu_demo.yaml \\
+        optim.lr=0.05 data.batch_size=64
+    python -m trainer.train --config ... key=value ...     (single process)
+
+One optimizer step: every rank embeds its batch (autocast on GPU), PartialFC all-gathers
+the embeddings and computes the global-batch mean loss over its class shard, backward
+reduce-scatters the embedding gradients, DDP sums (not averages: the loss is already the
+global mean) the backbone gradients, the backbone gradient is clipped, and
+`TrainingOptimizer.step` updates backbone and the shard's sampled rows with the
+scheduled learning rate. With `optim.grad_accum_steps = k` the loss of k micro-batches
+is averaged before that step (DDP syncs on the last one only).
+
+The step reads one value back to the host: whether loss and gradient norm are finite.
+A non-finite step is skipped (no update) and counted on every rank alike (the loss and
+the synced gradient norm are identical on all ranks); `run.max_nonfinite` of them in a
+row stop the run with exit code 3. Config errors exit with code 2 before any process
+group exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (torchrun trainer/train.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.backbones import get_backbone
+from trainer.config import Config, ConfigError, load_config, save_config
+from trainer.data.synthetic import SyntheticIdentities
+from trainer.dist import DistContext, init_distributed, shutdown
+from trainer.margins import CombinedMargin
+from trainer.metrics import RunLog, StepMeter, memory_summary, setup_logging
+from trainer.optim import LRSchedule, ShardSGD, TrainingOptimizer, make_backbone_optimizer
+from trainer.partial_fc import PartialFC
+
+log = logging.getLogger("trainer.train")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
+
+
+class NonFiniteStop(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="trainer/train.py",
+        description=(
+            "Train an ArcFace-family face-recognition model with a class-sharded Partial FC "
+            "classifier. Launch one process per GPU with torchrun (or srun); a plain "
+            "`python -m trainer.train` runs a single process."
+        ),
+        epilog=(
+            "Overrides are section.key=value pairs, values parsed as YAML, e.g. "
+            "optim.lr=0.05 data.batch_size=64 eval.targets=[lfw.bin]. Sections: run, "
+            "backbone, margin, partial_fc, optim, data, checkpoint, eval, metrics, dist "
+            "(see trainer/config.py for every key and its default). Outputs go to "
+            "run.output_dir: config.yaml (resolved config), logs/rank{R}.log, "
+            "metrics.jsonl, backbone.pt. Exit codes: 0 done, 2 config error, "
+            "3 stopped after run.max_nonfinite non-finite steps in a row."
+        ),
+    )
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser.parse_args(argv)
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the backbone, or None for plain fp32."""
+    precision = cfg.backbone.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("backbone.precision: fp16 needs a GPU (GradScaler); use bf16 or fp32 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_supported(cfg: Config) -> None:
+    """Refuse settings this version cannot honour yet, instead of ignoring them."""
+    unsupported = {
+        "data.source": (cfg.data.source != "synthetic", "only 'synthetic' is available yet"),
+        "eval.targets": (bool(cfg.eval.targets), "verification during training is not available yet"),
+        "metrics.port": (cfg.metrics.port != 0, "the Prometheus exporter is not available yet"),
+        "checkpoint.every": (cfg.checkpoint.every != 0, "periodic checkpoints are not available yet"),
+    }
+    for key, (bad, why) in unsupported.items():
+        if bad:
+            raise ConfigError(f"{key}: {why}; leave it at its default")
+
+
+def _sum_allreduce_hook(group, bucket):  # no annotations: DDP checks them at runtime
+    """DDP comm hook: sum the backbone gradients over ranks (default DDP averages).
+
+    PartialFC's loss is already the mean over the global batch, so each rank's backbone
+    gradient is its share of the global gradient; the shares add up.
+    """
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+@dataclass
+class Run:
+    """Everything one training process holds."""
+
+    cfg: Config
+    ctx: DistContext
+    backbone: nn.Module  # DDP-wrapped
+    pfc: PartialFC
+    optimizer: TrainingOptimizer
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    source: SyntheticIdentities
+    total_steps: int
+
+    @property
+    def module(self) -> nn.Module:
+        """The backbone without its DDP wrapper."""
+        return self.backbone.module
+
+
+def build(cfg: Config, ctx: DistContext) -> Run:
+    device = ctx.device
+    amp_dtype = autocast_dtype(cfg, device)
+    torch.manual_seed(cfg.run.seed)  # same backbone init on every rank (DDP also broadcasts)
+    source = SyntheticIdentities(
+        cfg.data.num_classes, cfg.data.num_samples, cfg.data.batch_size, ctx.rank,
+        ctx.world_size, cfg.data.image_size, cfg.run.seed, cfg.data.synthetic_mode,
+    )
+    steps_per_epoch = source.steps_per_epoch // cfg.optim.grad_accum_steps
+    if steps_per_epoch < 1 and cfg.run.max_steps == 0:
+        raise ConfigError(
+            f"optim.grad_accum_steps: {cfg.optim.grad_accum_steps} exceeds the "
+            f"{source.steps_per_epoch} batches per epoch"
+        )
+    total_steps = cfg.run.max_steps or cfg.run.epochs * steps_per_epoch
+
+    backbone = get_backbone(
+        cfg.backbone.name, embedding_size=cfg.backbone.embedding_size, dropout=cfg.backbone.dropout
+    ).to(device)
+    if cfg.backbone.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    ddp = DistributedDataParallel(
+        backbone, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    ddp.register_comm_hook(None, _sum_allreduce_hook)
+
+    margin = CombinedMargin(
+        cfg.margin.s, cfg.margin.m1, cfg.margin.m2, cfg.margin.m3, cfg.margin.interclass_filter
+    )
+    # On GPU the per-step input check would cost a host sync; labels from our sources
+    # are in range by construction and batch sizes equal on every rank.
+    pfc = PartialFC(
+        cfg.data.num_classes, cfg.backbone.embedding_size, sample_rate=cfg.partial_fc.sample_rate,
+        margin=margin, seed=cfg.run.seed, device=device, check_inputs=device.type == "cpu",
+    )
+    o = cfg.optim
+    optimizer = TrainingOptimizer(
+        make_backbone_optimizer(ddp.parameters(), o.name, o.lr, o.momentum, o.weight_decay),
+        ShardSGD(pfc, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
+        LRSchedule(o.lr, total_steps, o.warmup_steps, o.schedule, o.power, o.min_lr),
+    )
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    return Run(cfg, ctx, ddp, pfc, optimizer, scaler, amp_dtype, source, total_steps)
+
+
+def forward_backward(run: Run, images: Tensor, labels: Tensor, loss_scale: float, sync: bool) -> Tensor:
+    """Loss of one micro-batch; backward of loss · loss_scale (DDP syncs when `sync`)."""
+    device = run.ctx.device
+    images = images.to(device, non_blocking=True)
+    if run.cfg.backbone.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device, non_blocking=True)
+    with contextlib.nullcontext() if sync else run.backbone.no_sync():
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            embeddings = run.backbone(images)
+        loss = run.pfc(embeddings, labels)
+        scaled = loss * loss_scale
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    return loss.detach()
+
+
+def _batches(run: Run, epoch: int):
+    """This rank's batches of `epoch`, prefetched by `data.workers` processes."""
+    source, workers = run.source, run.cfg.data.workers
+    if workers == 0:
+        return source.epoch_batches(epoch)
+    steps = range(source.steps_per_epoch)
+    return torch.utils.data.DataLoader(
+        _EpochBatches(source, epoch), batch_size=None, sampler=steps, num_workers=workers,
+        pin_memory=run.ctx.device.type == "cuda", prefetch_factor=4,
+    )
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    def __init__(self, source: SyntheticIdentities, epoch: int) -> None:
+        self.source, self.epoch = source, epoch
+
+    def __len__(self) -> int:
+        return self.source.steps_per_epoch
+
+    def __getitem__(self, step: int):
+        return self.source.batch(self.epoch, step)
+
+
+def train(run: Run) -> None:
+    cfg, pfc = run.cfg, run.pfc
+    accum = cfg.optim.grad_accum_steps
+    params = [p for p in run.backbone.parameters() if p.requires_grad]
+    clip = cfg.optim.clip_grad_norm or math.inf
+    inject = set(cfg.run.inject_nonfinite)
+    samples_per_micro = cfg.data.batch_size * run.ctx.world_size
+    runlog = RunLog(cfg.run.output_dir, run.ctx.is_main, run.total_steps)
+    meter = StepMeter()
+    step, epoch, micro, in_a_row, nonfinite_total = 0, 0, 0, 0, 0
+    step_loss = None
+    run.backbone.train()
+    pfc.train()
+    log.info(
+        "training %d steps: %d samples per step over %d ranks, %d classes (%d on this rank, "
+        "%d sampled per step)", run.total_steps, samples_per_micro * accum, run.ctx.world_size,
+        pfc.num_classes, pfc.num_local, pfc.num_sample,
+    )
+    try:
+        while step < run.total_steps:
+            waited_since = time.perf_counter()
+            data_wait = 0.0
+            for images, labels in _batches(run, epoch):
+                data_wait += time.perf_counter() - waited_since
+                micro += 1
+                last = micro % accum == 0
+                loss = forward_backward(run, images, labels, 1.0 / accum, sync=last)
+                if step + 1 in inject:
+                    loss = loss * float("nan")
+                step_loss = loss / accum if step_loss is None else step_loss + loss / accum
+                if not last:
+                    waited_since = time.perf_counter()
+                    continue
+                if run.scaler is not None:
+                    run.scaler.unscale_(run.optimizer.backbone)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                check = step_loss if run.scaler is not None else step_loss + grad_norm
+                if bool(torch.isfinite(check)):  # the step's one host read
+                    run.optimizer.step(step, run.scaler)
+                    in_a_row = 0
+                else:
+                    in_a_row += 1
+                    nonfinite_total += 1
+                    log.warning(
+                        "step %d: non-finite loss or gradient (%d in a row, %d in total): "
+                        "update skipped", step + 1, in_a_row, nonfinite_total,
+                    )
+                    if in_a_row >= cfg.run.max_nonfinite:
+                        raise NonFiniteStop(
+                            f"{in_a_row} non-finite steps in a row (run.max_nonfinite="
+                            f"{cfg.run.max_nonfinite}) at step {step + 1}: lower optim.lr, "
+                            "check the data, or use backbone.precision=fp32"
+                        )
+                run.optimizer.zero_grad()
+                step += 1
+                meter.add(step_loss, grad_norm, samples_per_micro * accum, data_wait)
+                step_loss, data_wait = None, 0.0
+                if step % cfg.run.log_every == 0 or step == run.total_steps:
+                    runlog.write(
+                        step, epoch, run.optimizer.schedule(step - 1), meter.read(),
+                        nonfinite_total=nonfinite_total,
+                    )
+                if step >= run.total_steps:
+                    break
+                waited_since = time.perf_counter()
+            epoch += 1
+    finally:
+        runlog.close()
+    log.info("finished %d steps (%d skipped as non-finite); %s", step, nonfinite_total,
+             memory_summary(run.ctx.device))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_supported(cfg)
+    except ConfigError as exc:
+        print(f"arcshard: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        setup_logging(cfg.run.output_dir, ctx.rank)
+        try:
+            run = build(cfg, ctx)
+        except ConfigError as exc:
+            if ctx.is_main:
+                print(f"arcshard: config error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if ctx.is_main:
+            save_config(cfg, Path(cfg.run.output_dir) / "config.yaml")
+            log.info("output in %s; resolved config in config.yaml", cfg.run.output_dir)
+        try:
+            train(run)
+        except NonFiniteStop as exc:
+            log.error("stopping: %s", exc)
+            return EXIT_NONFINITE
+        if ctx.is_main:
+            out = Path(cfg.run.output_dir) / "backbone.pt"
+            tmp = out.with_name(out.name + ".tmp")
+            torch.save(run.module.state_dict(), tmp)
+            tmp.replace(out)  # atomic: never a half-written backbone.pt
+            log.info("saved backbone weights to %s", out)
+        dist.barrier()
+        return EXIT_OK
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
