@@ -64,7 +64,10 @@ def test_two_process_run_learns_and_writes_outputs(tmp_path):
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     out = tmp_path / "run"
-    proc = _torchrun(out, "run.max_steps=4", "run.inject_nonfinite=[3]", "run.max_nonfinite=2")
+    proc = _torchrun(
+        out, "run.max_steps=4", "run.inject_nonfinite=[3]", "run.max_nonfinite=2",
+        "data.workers=1",  # also exercises the prefetching DataLoader path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _metrics(out)
     assert rows[-1]["step"] == 4 and rows[-1]["nonfinite_total"] == 1
@@ -117,7 +120,7 @@ def test_help_explains_usage():
     assert "torchrun" in proc.stdout and "section.key=value" in proc.stdout
 
 
-def _grads_worker(rank, world, global_batch):
+def _grads_worker(rank, world, global_batch, accum=1):
     from trainer.train import build, forward_backward
 
     cfg = load_config(
@@ -130,14 +133,20 @@ def _grads_worker(rank, world, global_batch):
     run.backbone.eval()  # BatchNorm on running stats: the batch split must not matter
     torch.set_default_dtype(torch.float32)
     images, labels = run.source.batch(0, 0)
-    loss = forward_backward(run, images, labels, 1.0, sync=True)
+    losses = [
+        forward_backward(run, x, y, 1.0 / accum, sync=i == accum - 1)
+        for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum)))
+    ]
+    loss = sum(losses) / accum
     grads = {n: p.grad.clone() for n, p in run.module.named_parameters() if p.grad is not None}
     return loss.item(), grads, run.pfc.sampled_grad().grad.clone()
 
 
-def test_ddp_partial_fc_gradients_at_world_2_equal_world_1():
+@pytest.mark.parametrize("accum", [1, 2])
+def test_ddp_partial_fc_gradients_at_world_2_equal_world_1(accum):
+    """World 2 (optionally in 2 accumulated micro-batches) == world 1, same global batch."""
     (loss1, grads1, shard1), = run_world(_grads_worker, 1, 8)
-    (loss2a, grads2, shard2a), (loss2b, _, shard2b) = run_world(_grads_worker, 2, 8)
+    (loss2a, grads2, shard2a), (loss2b, _, shard2b) = run_world(_grads_worker, 2, 8, accum)
     assert loss1 == pytest.approx(loss2a, rel=1e-5) and loss2a == loss2b
     assert grads1.keys() == grads2.keys() and len(grads1) > 10
     def rel_err(a, b):
