@@ -62,8 +62,9 @@ class ShardSGD:
                 return False
         weight = self.pfc.weight
         every_row = rows.numel() == weight.shape[0]
-        w = weight if every_row else weight.index_select(0, rows)
-        g = grad.add(w, alpha=self.weight_decay) if self.weight_decay else grad
+        # The rows' weights: forward's copy (or the shard itself) when there is one.
+        w = sampled.values if sampled.values is not None else weight.index_select(0, rows)
+        g = grad.add_(w, alpha=self.weight_decay) if self.weight_decay else grad
         if self.momentum_buffer is not None:
             buf = self.momentum_buffer
             m = buf if every_row else buf.index_select(0, rows)
@@ -71,8 +72,8 @@ class ShardSGD:
             if not every_row:
                 buf.index_copy_(0, rows, m)
             g = m
-        w = w.sub(g, alpha=self.lr) if not every_row else w.sub_(g, alpha=self.lr)
-        if not every_row:
+        w.sub_(g, alpha=self.lr)
+        if w.data_ptr() != weight.data_ptr():
             weight.index_copy_(0, rows, w)
         return True
 

@@ -110,49 +110,86 @@ class _AllGather(torch.autograd.Function):
         return out, None
 
 
-class _DistributedCrossEntropy(torch.autograd.Function):
-    """Mean softmax cross-entropy over logits split by column across ranks.
+class _ShardMarginSoftmax(torch.autograd.Function):
+    """Cosines → margin logits → distributed softmax cross-entropy, fused for memory.
 
-    logits [N, K_rank] are this rank's columns; target_cols[i] is the column of sample
-    i's class here, or −1 when another rank owns it. Returns the same scalar on every
-    rank; backward gives this rank's d loss / d logits (no communication).
+    forward(x_hat [N, D] unit rows, sub [K, D] sampled centres (not normalised),
+    target_cols [N] (column of sample i's class here, −1 if another rank owns it))
+    returns the mean loss over the N samples, the same on every rank:
+
+        cos = x_hat · (sub / |sub|)ᵀ,  logits = margin(cos),
+        loss_i = log Σ_{all ranks' columns} exp(logit) − logit_target
+
+    with all-reduce MAX of the row maxima and one all-reduce SUM of (exp-sum, target
+    logit). One [N, K] buffer holds cosines, then logits, then probabilities, then the
+    gradient; the normalised centres are never materialised (their norms scale the
+    columns instead). The target logit's derivative is taken by autograd from
+    `CombinedMargin.target_logit` on the N target cosines, so the margin's math lives
+    in one place. Backward needs no communication.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target_cols: Tensor, group) -> Tensor:  # type: ignore[override]
-        n = logits.shape[0]
-        has_target = target_cols >= 0
+    def forward(ctx, x_hat, sub, target_cols, margin: CombinedMargin, group):  # type: ignore[override]
+        n = x_hat.shape[0]
+        has_target = (target_cols >= 0).unsqueeze(1)
         col = target_cols.clamp_min(0).unsqueeze(1)
-        row_max = logits.max(dim=1).values
+        inv_norm = sub.norm(dim=1).clamp_min(1e-12).reciprocal_()
+        buf = torch.mm(x_hat, sub.t()).mul_(inv_norm)  # cosines
+        keep = None
+        if margin.interclass_filter > 0:
+            keep = buf <= margin.interclass_filter
+            keep.scatter_(1, col, keep.gather(1, col) | has_target)
+            buf.mul_(keep)
+        target_cos = buf.gather(1, col)
+        with torch.enable_grad():
+            t = target_cos.detach().requires_grad_(True)
+            target_logit = margin.target_logit(t)
+            (d_target,) = torch.autograd.grad(target_logit.sum(), t)
+        target_logit = torch.where(has_target, target_logit.detach(), target_cos)
+        buf.scatter_(1, col, target_logit).mul_(margin.s)  # logits
+        row_max = buf.max(dim=1, keepdim=True).values
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        probs = (logits - row_max.unsqueeze(1)).exp_()
-        target = logits.gather(1, col).squeeze(1) * has_target
-        sums = torch.stack([probs.sum(dim=1), target])
+        buf.sub_(row_max).exp_()
+        sums = torch.cat([buf.sum(dim=1, keepdim=True), margin.s * target_logit * has_target], 1)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        exp_sum, target = sums[0], sums[1]
+        exp_sum, target = sums[:, :1], sums[:, 1:]
         loss = (exp_sum.log() + row_max - target).mean()
-        probs.div_(exp_sum.unsqueeze(1))
-        ctx.save_for_backward(probs, col, has_target)
-        ctx.n = n
+        buf.div_(exp_sum)  # this rank's softmax probabilities
+        ctx.save_for_backward(buf, x_hat, sub, inv_norm, col, has_target, d_target, keep)
+        ctx.n, ctx.s = n, margin.s
         return loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        probs, col, has_target = ctx.saved_tensors
-        grad = probs  # used once: reuse the buffer (softmax − one-hot) · g / N
-        grad.scatter_add_(1, col, -has_target.unsqueeze(1).to(grad.dtype))
-        grad.mul_(grad_loss / ctx.n)
-        return grad, None, None
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        buf, x_hat, sub, inv_norm, col, has_target, d_target, keep = ctx.saved_tensors
+        grad = buf  # used once: (softmax − one-hot) · g / N, in place
+        grad.scatter_add_(1, col, -has_target.to(grad.dtype))
+        grad.mul_(grad_loss * ctx.s / ctx.n)  # d loss / d (logit / s)
+        at_target = grad.gather(1, col)
+        grad.scatter_(1, col, torch.where(has_target, at_target * d_target, at_target))
+        if keep is not None:
+            grad.mul_(keep)  # now d loss / d cos
+        # cos = x_hat · ŵᵀ with ŵ = sub / |sub|: first d/dŵ, then through the norm.
+        grad_w_hat = torch.mm(grad.t(), x_hat)
+        grad.mul_(inv_norm)
+        grad_x_hat = torch.mm(grad, sub)
+        radial = torch.bmm(grad_w_hat.unsqueeze(1), sub.unsqueeze(2)).view(-1, 1)
+        radial.mul_(inv_norm.unsqueeze(1) ** 2)  # (d/dŵ · w) / |w|², no [K, D] temporary
+        grad_sub = grad_w_hat.addcmul_(sub, radial, value=-1.0).mul_(inv_norm.unsqueeze(1))
+        return grad_x_hat, grad_sub, None, None, None
 
 
 @dataclass
 class SampledGrad:
     """Gradient of the loss w.r.t. some rows of the shard: rows (sorted local indices
-    into `PartialFC.weight`) and grad [len(rows), D]."""
+    into `PartialFC.weight`) and grad [len(rows), D]. `values`, when not None, holds the
+    rows' current weights, taken in forward: a private copy (the optimiser may update it
+    in place and write it back), or the shard itself when every row was sampled."""
 
     rows: Tensor
     grad: Tensor
+    values: Tensor | None = None
 
 
 class PartialFC(nn.Module):
@@ -339,9 +376,9 @@ class PartialFC(nn.Module):
             if self.training:
                 self._sampled.append((rows, sub))
 
-            cosines = F.linear(F.normalize(x, dim=1), F.normalize(sub, dim=1))
-            logits = self.margin(cosines, target_cols)
-            loss = _DistributedCrossEntropy.apply(logits, target_cols, self.group)
+            loss = _ShardMarginSoftmax.apply(
+                F.normalize(x, dim=1), sub, target_cols, self.margin, self.group
+            )
         if self.training:
             self.sample_step += 1
         return loss
@@ -353,11 +390,13 @@ class PartialFC(nn.Module):
         One forward/backward: exactly its sampled rows. Several (gradient
         accumulation): the union of their rows with the gradients summed.
         """
-        parts = [(rows, sub.grad) for rows, sub in self._sampled if sub.grad is not None]
+        parts = [(rows, sub) for rows, sub in self._sampled if sub.grad is not None]
         if not parts:
             return None
         if len(parts) == 1:
-            return SampledGrad(*parts[0])
+            rows, sub = parts[0]
+            return SampledGrad(rows, sub.grad, sub.detach())
+        parts = [(rows, sub.grad) for rows, sub in parts]
         rows = torch.cat([r for r, _ in parts])
         union, inverse = torch.unique(rows, sorted=True, return_inverse=True)
         grad = parts[0][1].new_zeros(union.numel(), self.embedding_size)

@@ -14,6 +14,7 @@ from trainer.partial_fc import PartialFC, init_class_centres, shard_range
 
 ARCFACE = (64.0, 1.0, 0.5, 0.0)
 COMBINED = (32.0, 1.2, 0.3, 0.1)
+FILTERED = (64.0, 1.0, 0.5, 0.0, 0.2)  # ArcFace + inter-class filtering at cos > 0.2
 
 
 def _global_batch(n: int, dim: int, num_classes: int, seed: int = 123):
@@ -66,7 +67,9 @@ def _full_softmax_worker(rank, world, num_classes, dim, batch, margin_args):
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
-@pytest.mark.parametrize("margin_args", [ARCFACE, COMBINED], ids=["arcface", "combined"])
+@pytest.mark.parametrize(
+    "margin_args", [ARCFACE, COMBINED, FILTERED], ids=["arcface", "combined", "filtered"]
+)
 def test_full_softmax_equals_single_process_reference(world, margin_args):
     losses = run_world(_full_softmax_worker, world, 37, 16, 5, margin_args)
     assert len(set(losses)) == 1, f"ranks disagree on the loss: {losses}"
