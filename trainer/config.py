@@ -169,7 +169,10 @@ class EvalConfig:
 
 @dataclass
 class MetricsConfig:
-    port: int = _bounded(0, ge=0, le=65535)  # Prometheus exporter; 0 disables
+    port: int = _bounded(0, ge=0, le=65535)  # Prometheus /metrics on port + LOCAL_RANK; 0 disables
+    address: str = "0.0.0.0"  # interface the exporter listens on (127.0.0.1: this host only)
+    pushgateway: str | None = None  # Pushgateway URL to push to (short jobs); null disables
+    push_every_s: float = _bounded(15.0, gt=0)  # seconds between pushes (and one at the end)
 
 
 @dataclass

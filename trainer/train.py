@@ -44,7 +44,9 @@ from trainer.config import Config, ConfigError, load_config, save_config
 from trainer.data.synthetic import SyntheticIdentities
 from trainer.dist import DistContext, init_distributed, shutdown
 from trainer.margins import CombinedMargin
-from trainer.metrics import RunLog, StepMeter, memory_summary, setup_logging
+from trainer.metrics import (
+    RunLog, StepMeter, gather_per_rank, memory_summary, setup_logging, start_metrics,
+)
 from trainer.optim import LRSchedule, ShardSGD, TrainingOptimizer, make_backbone_optimizer
 from trainer.partial_fc import PartialFC
 
@@ -97,7 +99,6 @@ def check_supported(cfg: Config) -> None:
     unsupported = {
         "data.source": (cfg.data.source != "synthetic", "only 'synthetic' is available yet"),
         "eval.targets": (bool(cfg.eval.targets), "verification during training is not available yet"),
-        "metrics.port": (cfg.metrics.port != 0, "the Prometheus exporter is not available yet"),
         "checkpoint.every": (cfg.checkpoint.every != 0, "periodic checkpoints are not available yet"),
     }
     for key, (bad, why) in unsupported.items():
@@ -228,6 +229,9 @@ def train(run: Run) -> None:
     samples_per_micro = cfg.data.batch_size * run.ctx.world_size
     runlog = RunLog(cfg.run.output_dir, run.ctx.is_main, run.total_steps)
     meter = StepMeter()
+    metrics = start_metrics(cfg, run.ctx)
+    momentum = run.optimizer.shard.momentum_buffer  # None without momentum
+    metrics.classifier(pfc.num_local, pfc.weight.nbytes + getattr(momentum, "nbytes", 0))
     step, epoch, micro, in_a_row, nonfinite_total = 0, 0, 0, 0, 0
     step_loss = None
     run.backbone.train()
@@ -238,6 +242,7 @@ def train(run: Run) -> None:
         pfc.num_classes, pfc.num_local, pfc.num_sample,
     )
     try:
+        step_started = time.perf_counter()
         while step < run.total_steps:
             waited_since = time.perf_counter()
             data_wait = 0.0
@@ -262,6 +267,7 @@ def train(run: Run) -> None:
                 else:
                     in_a_row += 1
                     nonfinite_total += 1
+                    metrics.nonfinite_step()
                     log.warning(
                         "step %d: non-finite loss or gradient (%d in a row, %d in total): "
                         "update skipped", step + 1, in_a_row, nonfinite_total,
@@ -275,11 +281,24 @@ def train(run: Run) -> None:
                 run.optimizer.zero_grad()
                 step += 1
                 meter.add(step_loss, grad_norm, samples_per_micro * accum, data_wait)
+                step_ended = time.perf_counter()
+                metrics.step_done(
+                    step, cfg.data.batch_size * accum, step_ended - step_started, data_wait
+                )
+                step_started = step_ended
                 step_loss, data_wait = None, 0.0
                 if step % cfg.run.log_every == 0 or step == run.total_steps:
+                    values, lr = meter.read(), run.optimizer.schedule(step - 1)  # the host sync
+                    scale = run.scaler.get_scale() if run.scaler is not None else 1.0
+                    metrics.log_point(values, lr, scale, pfc.last_sampled.numel(), run.ctx.device)
+                    per_rank = gather_per_rank(  # every rank is here: a tiny all-gather
+                        [values["samples_per_sec"] / run.ctx.world_size, values["data_wait_frac"]],
+                        run.ctx.device,
+                    )
                     runlog.write(
-                        step, epoch, run.optimizer.schedule(step - 1), meter.read(),
-                        nonfinite_total=nonfinite_total,
+                        step, epoch, lr, values, nonfinite_total=nonfinite_total,
+                        samples_per_sec_per_rank=[r[0] for r in per_rank],
+                        data_wait_frac_per_rank=[r[1] for r in per_rank],
                     )
                 if step >= run.total_steps:
                     break
@@ -287,6 +306,7 @@ def train(run: Run) -> None:
             epoch += 1
     finally:
         runlog.close()
+        metrics.close()
     log.info("finished %d steps (%d skipped as non-finite); %s", step, nonfinite_total,
              memory_summary(run.ctx.device))
 
