@@ -1,0 +1,239 @@
+"""`arcshard-data build`: image folder / list file -> shards + manifest."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_tools.cli import main
+from data_tools.manifest import load_manifest, sha256_file
+from data_tools.recordio import RecordReader, unpack
+from data_tools.shards import DRILL_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+YALEFACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "yalefaces"
+SIZE = 16
+
+
+def _pixels(seed: int, w: int, h: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _save(path: Path, seed: int, kind: str) -> None:
+    """One small image of ``kind``: jpeg at SIZE (pass-through), big jpeg, png, gif, pgm, gray jpeg."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "jpeg":
+        Image.fromarray(_pixels(seed, SIZE, SIZE)).save(path, "JPEG", quality=90)
+    elif kind == "bigjpeg":
+        Image.fromarray(_pixels(seed, 40, 24)).save(path, "JPEG", quality=90)
+    elif kind == "png":
+        Image.fromarray(_pixels(seed, 20, 30)).convert("RGBA").save(path, "PNG")
+    elif kind == "gif":
+        Image.fromarray(_pixels(seed, 17, 17)).convert("P").save(path, "GIF")
+    elif kind == "pgm":
+        Image.fromarray(_pixels(seed, SIZE, SIZE)[..., 0]).save(path, "PPM")
+    elif kind == "grayjpeg":
+        Image.fromarray(_pixels(seed, SIZE, SIZE)[..., 0]).save(path, "JPEG")
+    else:
+        raise AssertionError(kind)
+
+
+KINDS = {"jpeg": ".jpg", "bigjpeg": ".jpg", "png": ".png", "gif": ".gif", "pgm": ".pgm", "grayjpeg": ".jpeg"}
+
+
+def _folder(root: Path, classes: int = 3, per_class: int = 6) -> Path:
+    kinds = list(KINDS)
+    for c in range(classes):
+        for i in range(per_class):
+            kind = kinds[(c * per_class + i) % len(kinds)]
+            _save(root / f"person_{chr(ord('c') - c)}" / f"{i:02d}{KINDS[kind]}", c * 100 + i, kind)
+    return root
+
+
+def _build(src: Path, out: Path, *extra: str) -> int:
+    return main(["build", str(src), str(out), "--size", str(SIZE), "--quiet", *extra])
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _records(out: Path) -> list[tuple[int, object, bytes]]:
+    """(key, header, payload) of every record, shard by shard."""
+    found = []
+    for shard in load_manifest(out).shards:
+        with RecordReader(out / shard.rec, out / shard.idx) as r:
+            for key in r.keys:
+                header, payload = unpack(r.read(key))
+                found.append((key, header, bytes(payload)))
+    return found
+
+
+def test_workers_do_not_change_the_bytes_and_records_are_right(tmp_path):
+    src = _folder(tmp_path / "src")
+    assert _build(src, tmp_path / "w1", "--workers", "1", "--shard-size", "5") == 0
+    assert _build(src, tmp_path / "w2", "--workers", "2", "--shard-size", "5") == 0
+    assert _files(tmp_path / "w1") == _files(tmp_path / "w2")
+
+    out = tmp_path / "w1"
+    m = load_manifest(out)
+    assert (m.num_images, m.num_classes, m.image_size) == (18, 3, (SIZE, SIZE))
+    assert m.class_names == ["person_a", "person_b", "person_c"]  # sorted folder names
+    assert [s.num_records for s in m.shards] == [5, 5, 5, 3]
+    assert (out / "property").read_text() == f"3,{SIZE},{SIZE}\n"
+    for s in m.shards:
+        assert sha256_file(out / s.rec) == s.rec_sha256 and (out / s.idx).stat().st_size == s.idx_bytes
+    assert not (out / "rejected.tsv").exists() and not (tmp_path / "w1.partial").exists()
+
+    sources = {}  # decoded source pixels -> class id, to match records back to files
+    for path in sorted(src.rglob("*")):
+        if path.is_file():
+            sources[path.read_bytes()] = m.class_names.index(path.parent.name)
+    records = _records(out)
+    keys = [key for key, _, _ in records]
+    assert keys == [*range(5), *range(5), *range(5), *range(3)]
+    assert [h.id for _, h, _ in records] == list(range(18))
+    passed_through = 0
+    for _, header, payload in records:
+        assert header.flag == 0 and header.id2 == 0
+        image = Image.open(io.BytesIO(payload))
+        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (SIZE, SIZE))
+        if payload in sources:  # the SIZE x SIZE RGB JPEGs are copied unchanged
+            passed_through += 1
+            assert header.label == sources[payload]
+    assert passed_through == 3
+    labels = [int(h.label) for _, h, _ in records]
+    assert sorted(labels) == [0] * 6 + [1] * 6 + [2] * 6
+    assert labels != sorted(labels)  # shuffled
+
+
+def test_seed_changes_order_only(tmp_path):
+    src = _folder(tmp_path / "src", classes=2, per_class=5)
+    _build(src, tmp_path / "a", "--workers", "1", "--seed", "1")
+    _build(src, tmp_path / "b", "--workers", "1", "--seed", "2")
+    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    assert [p for _, _, p in a] != [p for _, _, p in b]
+    assert sorted((h.label, p) for _, h, p in a) == sorted((h.label, p) for _, h, p in b)
+
+
+def _with_bad_files(src: Path) -> list[Path]:
+    bad = [src / "person_a" / "empty.jpg", src / "person_b" / "notes.txt",
+           src / "person_c" / "truncated.jpg", src / "person_a" / "garbage.png"]
+    bad[0].write_bytes(b"")
+    bad[1].write_text("not an image\n")
+    good = io.BytesIO()
+    Image.fromarray(_pixels(7, 40, 40)).save(good, "JPEG")
+    bad[2].write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    bad[3].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    return bad
+
+
+def test_bad_files_are_rejected_and_listed(tmp_path):
+    src = _folder(tmp_path / "src", classes=3, per_class=6)
+    bad = _with_bad_files(src)
+    assert _build(src, tmp_path / "out", "--workers", "2", "--shard-size", "4", "--max-reject", "20%") == 0
+    lines = (tmp_path / "out" / "rejected.tsv").read_text().splitlines()
+    assert lines[0] == "path\treason"
+    reasons = dict(line.split("\t") for line in lines[1:])
+    assert sorted(reasons) == sorted(map(str, bad))
+    assert reasons[str(bad[0])] == "empty file"
+    assert "truncated" in reasons[str(bad[2])]
+    assert all(r.startswith("not a readable image") for p, r in reasons.items() if p != str(bad[0]))
+    assert load_manifest(tmp_path / "out").num_images == 18
+
+
+def test_too_many_rejects_fail_without_output(tmp_path, capsys):
+    src = _folder(tmp_path / "src", classes=3, per_class=6)
+    _with_bad_files(src)
+    assert _build(src, tmp_path / "out", "--workers", "1") == 2  # default --max-reject 1%
+    err = capsys.readouterr().err
+    assert "more than 0 of 22 images rejected" in err and "rejected.tsv" in err
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "out.partial" / "rejected.tsv").is_file()
+
+
+def test_interrupted_build_resumes_to_identical_bytes(tmp_path, monkeypatch, capsys):
+    src = _folder(tmp_path / "src", classes=3, per_class=7)
+    _with_bad_files(src)
+    args = ("--workers", "2", "--shard-size", "4", "--max-reject", "0.3")
+    assert _build(src, tmp_path / "whole", *args) == 0
+
+    out = tmp_path / "out"
+    monkeypatch.setenv(DRILL_ENV, "9")  # crash in the middle of the third shard
+    assert _build(src, out, *args) == 75
+    assert not out.exists()
+    partial = tmp_path / "out.partial"
+    assert {"train-00000.rec", "train-00001.rec", "train-00002.rec", "progress.json"} <= set(_files(partial))
+    monkeypatch.delenv(DRILL_ENV)
+    capsys.readouterr()
+
+    assert _build(src, out, *args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _build(src, out, *args, "--resume", "--seed", "5") == 2
+    assert "other inputs or options" in capsys.readouterr().err
+    assert _build(src, out, *args, "--resume") == 0
+    assert _files(out) == _files(tmp_path / "whole")
+    assert not partial.exists()
+
+
+def test_refuses_to_overwrite_unless_forced(tmp_path, capsys):
+    src = _folder(tmp_path / "src", classes=2, per_class=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _build(src, out) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert _build(src, out, "--force") == 0
+    assert not (out / "keep.txt").exists() and load_manifest(out).num_images == 6
+
+
+def test_list_file_source(tmp_path, capsys):
+    src = _folder(tmp_path / "images", classes=2, per_class=3)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    lst = tmp_path / "train.lst"
+    lst.write_text("".join(f"{p.relative_to(tmp_path)}\t{4 if 'person_c' in str(p) else 1}\n" for p in files) + "\n")
+    assert _build(lst, tmp_path / "out", "--workers", "1") == 0
+    m = load_manifest(tmp_path / "out")
+    assert (m.num_images, m.num_classes, m.class_names) == (6, 5, ["0", "1", "2", "3", "4"])
+    assert sorted(int(h.label) for _, h, _ in _records(tmp_path / "out")) == [1, 1, 1, 4, 4, 4]
+
+    lst.write_text(f"{files[0]}\t1\n{files[1]} 2\n")
+    assert _build(lst, tmp_path / "bad") == 2
+    assert f"{lst}: line 2 is malformed" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "data_tools", "build", str(tmp_path / "nope"), str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"arcshard-data build: error: {tmp_path / 'nope'}: no such image folder or list file"]
+
+
+@pytest.mark.skipif(not YALEFACES.is_dir(), reason=f"{YALEFACES} not present")
+def test_yalefaces_photos_convert(tmp_path):
+    assert main(["build", str(YALEFACES), str(tmp_path / "yale"), "--workers", "2", "--quiet"]) == 0
+    m = load_manifest(tmp_path / "yale")
+    assert (m.num_classes, m.image_size) == (15, (112, 112))
+    assert m.num_images == sum(1 for p in YALEFACES.glob("*/*") if p.is_file())
+    assert m.class_names[0] == "subject01"
+    for _, header, payload in _records(tmp_path / "yale"):
+        image = Image.open(io.BytesIO(payload))
+        image.load()
+        assert (image.mode, image.size) == ("RGB", (112, 112))
+        assert 0 <= header.label < 15
+
+
+def test_cli_imports_only_the_command_it_runs():
+    code = ("import sys; from data_tools.cli import build_parser; build_parser('build'); "
+            "print(sorted(m for m in sys.modules if m in ('data_tools.build', 'data_tools.insightface', "
+            "'data_tools.inspect', 'data_tools.verify', 'data_tools.pairs')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "['data_tools.build']", proc.stderr
