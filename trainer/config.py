@@ -148,11 +148,13 @@ class DataConfig:
     source: Literal["synthetic", "recordio"] = "synthetic"
     path: str | None = None  # dataset directory; required (and must exist) for recordio
     batch_size: int = _bounded(128, ge=1)  # per rank
-    workers: int = _bounded(2, ge=0)
-    num_classes: int = _bounded(1000, ge=1)
+    workers: int = _bounded(2, ge=0)  # loader processes (torch) or threads (DALI)
+    # recordio: must match the manifest; null takes it from the manifest (recordio only)
+    num_classes: int | None = _bounded(1000, ge=1)
     num_samples: int = _bounded(10000, ge=1)  # synthetic: images per epoch
     image_size: int = 112  # side of the square input faces; the backbones need 112
     synthetic_mode: Literal["identities", "noise"] = "identities"
+    loader: Literal["auto", "dali", "torch"] = "auto"  # recordio; auto: DALI when installed
 
 
 @dataclass
@@ -344,7 +346,7 @@ def _check_bounds(cfg: Config) -> None:
         for f in fields(section):
             bounds = f.metadata.get("bounds")
             value = getattr(section, f.name)
-            if bounds is not None and value not in bounds:
+            if bounds is not None and value is not None and value not in bounds:
                 raise ConfigError(f"{name}.{f.name}: must be {bounds}, got {value}")
 
 
@@ -363,6 +365,8 @@ def _check_consistency(cfg: Config) -> None:
         )
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr: must be <= optim.lr ({cfg.optim.lr}), got {cfg.optim.min_lr}")
+    if cfg.data.source == "synthetic" and cfg.data.num_classes is None:
+        raise ConfigError("data.num_classes: null (from the manifest) needs data.source recordio; set a number")
     if cfg.data.source == "recordio":
         if cfg.data.path is None:
             raise ConfigError("data.path: required when data.source is recordio")

@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # run as a script (torchrun trainer/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,7 +42,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.backbones import get_backbone
 from trainer.config import Config, ConfigError, load_config, save_config
+from trainer.data.recordio_source import make_recordio_source, open_dataset
 from trainer.data.synthetic import SyntheticIdentities
+from trainer.data.torch_loader import TorchRecordIO
 from trainer.dist import DistContext, init_distributed, shutdown
 from trainer.margins import CombinedMargin
 from trainer.metrics import (
@@ -49,6 +52,9 @@ from trainer.metrics import (
 )
 from trainer.optim import LRSchedule, ShardSGD, TrainingOptimizer, make_backbone_optimizer
 from trainer.partial_fc import PartialFC
+
+if TYPE_CHECKING:
+    from trainer.data.dali import DaliRecordIO  # imports nvidia.dali, an optional extra
 
 log = logging.getLogger("trainer.train")
 
@@ -97,7 +103,6 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 def check_supported(cfg: Config) -> None:
     """Refuse settings this version cannot honour yet, instead of ignoring them."""
     unsupported = {
-        "data.source": (cfg.data.source != "synthetic", "only 'synthetic' is available yet"),
         "eval.targets": (bool(cfg.eval.targets), "verification during training is not available yet"),
         "checkpoint.every": (cfg.checkpoint.every != 0, "periodic checkpoints are not available yet"),
     }
@@ -127,7 +132,7 @@ class Run:
     optimizer: TrainingOptimizer
     scaler: torch.amp.GradScaler | None
     amp_dtype: torch.dtype | None
-    source: SyntheticIdentities
+    source: SyntheticIdentities | TorchRecordIO | DaliRecordIO
     total_steps: int
 
     @property
@@ -140,10 +145,17 @@ def build(cfg: Config, ctx: DistContext) -> Run:
     device = ctx.device
     amp_dtype = autocast_dtype(cfg, device)
     torch.manual_seed(cfg.run.seed)  # same backbone init on every rank (DDP also broadcasts)
-    source = SyntheticIdentities(
-        cfg.data.num_classes, cfg.data.num_samples, cfg.data.batch_size, ctx.rank,
-        ctx.world_size, cfg.data.image_size, cfg.run.seed, cfg.data.synthetic_mode,
-    )
+    if cfg.data.source == "recordio":
+        manifest = open_dataset(cfg.data)  # every rank checks the dataset it will read
+        cfg.data.num_classes = manifest.num_classes  # resolves null; config.yaml records it
+        source = make_recordio_source(
+            cfg.data, manifest, ctx.rank, ctx.world_size, cfg.run.seed, device
+        )
+    else:
+        source = SyntheticIdentities(
+            cfg.data.num_classes, cfg.data.num_samples, cfg.data.batch_size, ctx.rank,
+            ctx.world_size, cfg.data.image_size, cfg.run.seed, cfg.data.synthetic_mode,
+        )
     steps_per_epoch = source.steps_per_epoch // cfg.optim.grad_accum_steps
     if steps_per_epoch < 1 and cfg.run.max_steps == 0:
         raise ConfigError(
@@ -166,7 +178,8 @@ def build(cfg: Config, ctx: DistContext) -> Run:
         cfg.margin.s, cfg.margin.m1, cfg.margin.m2, cfg.margin.m3, cfg.margin.interclass_filter
     )
     # On GPU the per-step input check would cost a host sync; labels from our sources
-    # are in range by construction and batch sizes equal on every rank.
+    # are in range (synthetic by construction, recordio checked by the loaders on the
+    # host) and batch sizes equal on every rank.
     pfc = PartialFC(
         cfg.data.num_classes, cfg.backbone.embedding_size, sample_rate=cfg.partial_fc.sample_rate,
         margin=margin, seed=cfg.run.seed, device=device, check_inputs=device.type == "cpu",
@@ -198,9 +211,10 @@ def forward_backward(run: Run, images: Tensor, labels: Tensor, loss_scale: float
 
 
 def _batches(run: Run, epoch: int):
-    """This rank's batches of `epoch`, prefetched by `data.workers` processes."""
+    """This rank's batches of `epoch`, prefetched by `data.workers` processes (the RecordIO
+    loaders prefetch on their own)."""
     source, workers = run.source, run.cfg.data.workers
-    if workers == 0:
+    if workers == 0 or not isinstance(source, SyntheticIdentities):
         return source.epoch_batches(epoch)
     steps = range(source.steps_per_epoch)
     return torch.utils.data.DataLoader(

@@ -1,0 +1,177 @@
+"""NVIDIA DALI loader over a RecordIO training set (see `trainer.data.recordio_source`).
+
+One DALI pipeline per rank: `fn.readers.mxnet` over every shard's `.rec` with
+`shard_id=rank, num_shards=world_size`, JPEG decode (`device="mixed"`: nvJPEG on GPU;
+`"cpu"` on a CPU-only run), a random horizontal flip (`fn.random.coin_flip` as the
+`mirror` of `fn.crop_mirror_normalize`), normalisation `(x - 127.5) / 127.5` to CHW
+float32, wrapped in `DALIGenericIterator`. DALI's reader takes one index for all the
+`.rec` files, read as one concatenated stream; `combined_index` writes it (each shard's
+`.idx` offsets shifted by the sizes of the shards before it) to a temporary file that
+lives only while the pipeline is built.
+
+Equal steps on every rank: DALI splits the `N` records into `W` contiguous parts whose
+sizes differ by at most one, and without `stick_to_shard` rank `r` reads part
+`(r + epoch) % W` in epoch `epoch`, so one epoch over all ranks reads every record once.
+The reader pads its part (`pad_last_batch=True`) and the iterator (`reader_name` +
+`LastBatchPolicy.DROP`) counts every rank's epoch as `N // W` samples and drops the
+incomplete last batch: every rank yields exactly `N // (B * W)` batches per epoch
+(`steps_per_epoch`) and at most one global batch of records (plus `N mod W`) is not
+read in an epoch. `epoch_batches` checks that count and fails loudly rather than let
+ranks drift apart (a mismatch deadlocks the collectives).
+
+The reader shuffles within a buffer of `initial_fill` records (DALI's
+`random_shuffle`); the datasets are globally shuffled when written, so that is enough.
+Its stream is seeded by `seed + rank`; DALI's state cannot be rewound, so epochs must
+be read in order (`epoch_batches` refuses anything else).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+_READER = "Reader"
+_SHUFFLE_BUFFER = 4096  # records held by the reader's shuffle buffer
+
+
+@pipeline_def
+def _pipeline(
+    rec_paths: Sequence[str], index_path: str, shard_id: int, num_shards: int,
+    shuffle: bool, flip: bool, decode_device: str,
+):
+    jpegs, labels = fn.readers.mxnet(
+        path=list(rec_paths), index_path=[index_path], shard_id=shard_id,
+        num_shards=num_shards, random_shuffle=shuffle, initial_fill=_SHUFFLE_BUFFER,
+        pad_last_batch=True, name=_READER,
+    )
+    images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+    mirror = fn.random.coin_flip(probability=0.5) if flip else 0
+    images = fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3,
+        mirror=mirror,
+    )
+    return images, labels
+
+
+class DaliRecordIO:
+    """This rank's batches from a DALI pipeline; the loop's interface of `SyntheticIdentities`.
+
+    `rec_paths`/`idx_paths` list every shard of the dataset in manifest order;
+    `num_images` is the manifest's total. Batches are `(images float32 [B, 3, H, W] on
+    `device`, labels int64 [B] on `device`)`; labels are checked against `num_classes`
+    on the host before they move.
+    """
+
+    def __init__(
+        self,
+        rec_paths: Sequence[Path],
+        idx_paths: Sequence[Path],
+        num_images: int,
+        num_classes: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        threads: int = 2,
+        shuffle: bool = True,
+        flip: bool = True,
+        dataset: str = "",
+    ) -> None:
+        self.dataset = dataset or str(Path(rec_paths[0]).parent)
+        steps = num_images // (batch_size * world_size)
+        if steps < 1:
+            raise ValueError(
+                f"{self.dataset}: {num_images} images is less than one global batch "
+                f"({batch_size} x {world_size} ranks); lower data.batch_size"
+            )
+        self.steps_per_epoch = steps
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.device = device
+        gpu = device.type == "cuda"
+        with tempfile.TemporaryDirectory(prefix="arcshard-dali-") as tmp:
+            index = Path(tmp) / "all.idx"
+            combined_index(rec_paths, idx_paths, index)
+            pipe = _pipeline(
+                rec_paths=[str(p) for p in rec_paths], index_path=str(index),
+                shard_id=rank, num_shards=world_size, shuffle=shuffle, flip=flip,
+                decode_device="mixed" if gpu else "cpu",
+                batch_size=batch_size, num_threads=threads,
+                device_id=(torch.cuda.current_device() if device.index is None else device.index)
+                if gpu else None, seed=seed + rank,
+                prefetch_queue_depth=2,
+            )
+            pipe.build()  # reads the index
+        self._iter = DALIGenericIterator(
+            [pipe], ["images", "labels"], reader_name=_READER,
+            last_batch_policy=LastBatchPolicy.DROP, auto_reset=True,
+        )
+        self._next_epoch = 0
+
+    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield this rank's batches `start_step .. steps_per_epoch - 1` of `epoch`.
+
+        Epochs must come in order (0, 1, ...), each read to its end; skipped steps are
+        read and dropped.
+        """
+        if epoch != self._next_epoch:
+            raise ValueError(
+                f"DALI reads epochs in order: asked for epoch {epoch}, the next one is {self._next_epoch}"
+            )
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(
+                f"start_step {start_step} must be in [0, steps_per_epoch={self.steps_per_epoch}]"
+            )
+        self._next_epoch += 1
+        count = 0
+        for out in self._iter:
+            count += 1
+            if count <= start_step:
+                continue
+            images, labels = out[0]["images"], out[0]["labels"]
+            yield images.to(self.device, non_blocking=True), self._labels(labels).to(self.device)
+        if count != self.steps_per_epoch:
+            raise RuntimeError(
+                f"{self.dataset}: DALI gave {count} batches in epoch {epoch}, expected "
+                f"{self.steps_per_epoch} on every rank (ranks would deadlock); use data.loader=torch"
+            )
+
+    def _labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The reader's float labels [B, 1] (host) as int64 [B], checked to be class ids."""
+        if labels.numel() != self.batch_size:
+            raise ValueError(
+                f"{self.dataset}: records carry {labels.numel() // self.batch_size} labels each, "
+                "expected one class id; rebuild the dataset with arcshard-data"
+            )
+        labels = labels.reshape(-1)
+        ids = labels.to(torch.int64)
+        bad = (ids < 0) | (ids >= self.num_classes) | (ids.to(labels.dtype) != labels)
+        if bool(bad.any()):
+            value = labels[bad][0].item()
+            raise ValueError(
+                f"{self.dataset}: a record has label {value}, not a class id in "
+                f"[0, {self.num_classes}) (manifest num_classes); rebuild the dataset"
+            )
+        return ids
+
+
+def combined_index(rec_paths: Sequence[Path], idx_paths: Sequence[Path], out: Path) -> None:
+    """Write the one `.idx` DALI's reader needs for several `.rec` files to `out`.
+
+    DALI reads the `.rec` files as one stream; a record's offset in it is its offset in
+    its own file plus the sizes of the files before it. Keys are renumbered 0..N-1.
+    """
+    base, key = 0, 0
+    with open(out, "w", encoding="ascii") as f:
+        for rec, idx in zip(rec_paths, idx_paths, strict=True):
+            offsets = [int(line.split(b"\t")[1]) for line in Path(idx).read_bytes().splitlines()]
+            f.write("".join(f"{key + i}\t{base + o}\n" for i, o in enumerate(offsets)))
+            key += len(offsets)
+            base += os.path.getsize(rec)

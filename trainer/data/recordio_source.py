@@ -1,0 +1,90 @@
+"""RecordIO training sets for the trainer: start-up validation and loader selection.
+
+`open_dataset` checks a dataset directory against the config before training starts,
+on every rank: `manifest.json` readable, every shard file present with its recorded
+size (no hashing: `arcshard-data verify` does that), the manifest's image size equal
+to `data.image_size` and its `num_classes` equal to `data.num_classes` (or taken from
+it when that is null). Anything else raises `ConfigError` with one line naming what
+differs.
+
+`make_recordio_source` picks the loader: `data.loader=dali` is the DALI pipeline
+(`trainer.data.dali`), `torch` the pure-PyTorch fallback (`trainer.data.torch_loader`),
+`auto` DALI when `nvidia.dali` imports and the fallback otherwise. Both yield every
+rank exactly `num_images // (batch_size * world_size)` batches per epoch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from data_tools.manifest import Manifest, check_shard_files, load_manifest
+from trainer.config import DataConfig, ConfigError
+from trainer.data.torch_loader import TorchRecordIO
+
+log = logging.getLogger(__name__)
+
+
+def open_dataset(data: DataConfig) -> Manifest:
+    """The manifest of `data.path`, checked against `data`; raises ConfigError."""
+    try:
+        manifest = load_manifest(data.path)
+        check_shard_files(data.path, manifest)
+    except ValueError as exc:
+        raise ConfigError(f"data.path: {exc}") from None
+    where = Path(data.path) / "manifest.json"
+    if tuple(manifest.image_size) != (data.image_size, data.image_size):
+        h, w = manifest.image_size
+        raise ConfigError(
+            f"data.path: {where} has {h}x{w} images, data.image_size is {data.image_size}; "
+            "rebuild the dataset with aligned 112x112 faces"
+        )
+    if data.num_classes is not None and data.num_classes != manifest.num_classes:
+        raise ConfigError(
+            f"data.num_classes: {data.num_classes}, but {where} has {manifest.num_classes} "
+            "classes; set data.num_classes=null to take it from the manifest"
+        )
+    return manifest
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI is installed (the `dali` extra)."""
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def make_recordio_source(
+    data: DataConfig, manifest: Manifest, rank: int, world_size: int, seed: int, device: torch.device,
+):
+    """This rank's loader of the dataset at `data.path` (see the module docstring)."""
+    loader = data.loader
+    if loader == "auto":
+        loader = "dali" if dali_available() else "torch"
+    elif loader == "dali" and not dali_available():
+        raise ConfigError(
+            "data.loader: dali is not installed; `pip install -e '.[dali]'` or use data.loader=torch"
+        )
+    directory = Path(data.path)
+    recs = [directory / s.rec for s in manifest.shards]
+    idxs = [directory / s.idx for s in manifest.shards]
+    global_batch = data.batch_size * world_size
+    if manifest.num_images < global_batch:
+        raise ConfigError(
+            f"data.batch_size: {data.batch_size} x {world_size} ranks exceeds the "
+            f"{manifest.num_images} images of {directory}; lower it"
+        )
+    log.info("data: %s loader over %d images in %d shards of %s",
+             loader, manifest.num_images, len(recs), directory)
+    if loader == "dali":
+        from trainer.data.dali import DaliRecordIO  # imports nvidia.dali
+
+        return DaliRecordIO(
+            recs, idxs, manifest.num_images, manifest.num_classes, data.batch_size, rank,
+            world_size, seed, device, threads=max(1, data.workers), dataset=str(directory),
+        )
+    return TorchRecordIO(
+        recs, idxs, manifest.num_classes, data.batch_size, rank, world_size, seed,
+        data.image_size, data.workers, device=device,
+    )
