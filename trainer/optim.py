@@ -28,7 +28,13 @@ from trainer.partial_fc import PartialFC
 
 
 class ShardSGD:
-    """Momentum SGD over the rows of a PartialFC shard that the last step sampled."""
+    """Momentum SGD over the rows of a PartialFC shard that the last step sampled.
+
+    Rows are updated in chunks of CHUNK_ROWS through one reused buffer, so the update
+    allocates no [sampled, D] temporaries.
+    """
+
+    CHUNK_ROWS = 16384
 
     def __init__(
         self, pfc: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4
@@ -45,6 +51,7 @@ class ShardSGD:
         self.momentum_buffer: Tensor | None = (
             torch.zeros_like(pfc.weight, requires_grad=False) if momentum > 0 else None
         )
+        self._chunk: Tensor | None = None  # reused gather buffer for momentum rows
 
     @torch.no_grad()
     def step(self, grad_scale: Tensor | float | None = None) -> bool:
@@ -61,21 +68,33 @@ class ShardSGD:
             if not bool(torch.isfinite(grad).all()):
                 return False
         weight = self.pfc.weight
-        every_row = rows.numel() == weight.shape[0]
-        # The rows' weights: forward's copy (or the shard itself) when there is one.
+        if rows.numel() == weight.shape[0]:  # every row: update the shard in place
+            self._update(weight, grad, self.momentum_buffer)
+            return True
+        # The rows' weights: forward's private copy when there is one.
         w = sampled.values if sampled.values is not None else weight.index_select(0, rows)
-        g = grad.add_(w, alpha=self.weight_decay) if self.weight_decay else grad
-        if self.momentum_buffer is not None:
-            buf = self.momentum_buffer
-            m = buf if every_row else buf.index_select(0, rows)
-            m.mul_(self.momentum).add_(g)
-            if not every_row:
-                buf.index_copy_(0, rows, m)
-            g = m
-        w.sub_(g, alpha=self.lr)
-        if w.data_ptr() != weight.data_ptr():
-            weight.index_copy_(0, rows, w)
+        buf = self.momentum_buffer
+        for lo in range(0, rows.numel(), self.CHUNK_ROWS):
+            part = slice(lo, lo + self.CHUNK_ROWS)
+            m = None
+            if buf is not None:
+                if self._chunk is None:
+                    self._chunk = buf.new_empty(self.CHUNK_ROWS, buf.shape[1])
+                n = rows[part].numel()
+                m = torch.index_select(buf, 0, rows[part], out=self._chunk[:n])
+            self._update(w[part], grad[part], m)
+            if m is not None:
+                buf.index_copy_(0, rows[part], m)
+        weight.index_copy_(0, rows, w)
         return True
+
+    def _update(self, w: Tensor, g: Tensor, m: Tensor | None) -> None:
+        """SGD on rows in place: g += wd·w; m = momentum·m + g; w −= lr·m."""
+        if self.weight_decay:
+            g.add_(w, alpha=self.weight_decay)
+        if m is not None:
+            g = m.mul_(self.momentum).add_(g)
+        w.sub_(g, alpha=self.lr)
 
     def zero_grad(self) -> None:
         self.pfc.zero_grad()

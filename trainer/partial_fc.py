@@ -86,6 +86,30 @@ def init_class_centres(
     return out
 
 
+class Workspace:
+    """Large step buffers kept from one step to the next, by name.
+
+    A fresh multi-hundred-MB tensor every step costs a page fault per 4 KiB on first
+    touch (on CPU, glibc hands big blocks back to the OS when freed): at 2M classes,
+    r = 0.1 that was about a quarter of the step. `take` hands out a buffer of the right
+    shape (reusing the one last `give`n back under that name, else allocating) and
+    forgets it, so autograd may own it; `give` returns it for the next step.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        buf = self._free.pop(name, None)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = like.new_empty(shape)
+        return buf
+
+    def give(self, name: str, buf: Tensor | None) -> None:
+        if buf is not None:
+            self._free[name] = buf.detach()
+
+
 class _AllGather(torch.autograd.Function):
     """All-gather rows in forward; reduce-scatter (sum) their gradients in backward."""
 
@@ -110,6 +134,14 @@ class _AllGather(torch.autograd.Function):
         return out, None
 
 
+def _row_dot(a: Tensor, b: Tensor, chunk: int = 8192) -> Tensor:
+    """Row-wise dot products of two [K, D] tensors, in chunks (no [K, D] temporary)."""
+    out = a.new_empty(a.shape[0])
+    for lo in range(0, a.shape[0], chunk):
+        torch.linalg.vecdot(a[lo : lo + chunk], b[lo : lo + chunk], out=out[lo : lo + chunk])
+    return out
+
+
 class _ShardMarginSoftmax(torch.autograd.Function):
     """Cosines → margin logits → distributed softmax cross-entropy, fused for memory.
 
@@ -129,12 +161,13 @@ class _ShardMarginSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_hat, sub, target_cols, margin: CombinedMargin, group):  # type: ignore[override]
+    def forward(ctx, x_hat, sub, target_cols, margin: CombinedMargin, group, ws: Workspace):  # type: ignore[override]
         n = x_hat.shape[0]
         has_target = (target_cols >= 0).unsqueeze(1)
         col = target_cols.clamp_min(0).unsqueeze(1)
         inv_norm = sub.norm(dim=1).clamp_min(1e-12).reciprocal_()
-        buf = torch.mm(x_hat, sub.t()).mul_(inv_norm)  # cosines
+        buf = torch.mm(x_hat, sub.t(), out=ws.take("logits", (n, sub.shape[0]), sub))
+        buf.mul_(inv_norm)  # cosines
         keep = None
         if margin.interclass_filter > 0:
             keep = buf <= margin.interclass_filter
@@ -156,7 +189,7 @@ class _ShardMarginSoftmax(torch.autograd.Function):
         loss = (exp_sum.log() + row_max - target).mean()
         buf.div_(exp_sum)  # this rank's softmax probabilities
         ctx.save_for_backward(buf, x_hat, sub, inv_norm, col, has_target, d_target, keep)
-        ctx.n, ctx.s = n, margin.s
+        ctx.n, ctx.s, ctx.ws = n, margin.s, ws
         return loss
 
     @staticmethod
@@ -171,13 +204,14 @@ class _ShardMarginSoftmax(torch.autograd.Function):
         if keep is not None:
             grad.mul_(keep)  # now d loss / d cos
         # cos = x_hat · ŵᵀ with ŵ = sub / |sub|: first d/dŵ, then through the norm.
-        grad_w_hat = torch.mm(grad.t(), x_hat)
+        grad_w_hat = torch.mm(grad.t(), x_hat, out=ctx.ws.take("grad_rows", sub.shape, sub))
         grad.mul_(inv_norm)
         grad_x_hat = torch.mm(grad, sub)
-        radial = torch.bmm(grad_w_hat.unsqueeze(1), sub.unsqueeze(2)).view(-1, 1)
-        radial.mul_(inv_norm.unsqueeze(1) ** 2)  # (d/dŵ · w) / |w|², no [K, D] temporary
+        ctx.ws.give("logits", grad)
+        radial = _row_dot(grad_w_hat, sub).unsqueeze(1)
+        radial.mul_(inv_norm.unsqueeze(1) ** 2)  # (d/dŵ · w) / |w|²
         grad_sub = grad_w_hat.addcmul_(sub, radial, value=-1.0).mul_(inv_norm.unsqueeze(1))
-        return grad_x_hat, grad_sub, None, None, None
+        return grad_x_hat, grad_sub, None, None, None, None
 
 
 @dataclass
@@ -252,6 +286,7 @@ class PartialFC(nn.Module):
         self.sample_step = 0
         self.last_sampled: Tensor | None = None
         self._sampled: list[tuple[Tensor, Tensor]] = []  # (rows, leaf copy) since zero_grad
+        self.workspace = Workspace()
 
     @property
     def samples_all(self) -> bool:
@@ -366,7 +401,12 @@ class PartialFC(nn.Module):
                 sub = self.weight.detach().requires_grad_(True)
                 target_cols = global_labels - self.class_start
             else:
-                sub = self.weight.index_select(0, rows).requires_grad_(True)
+                with torch.no_grad():
+                    sub = torch.index_select(
+                        self.weight, 0, rows,
+                        out=self.workspace.take("rows", (rows.numel(), dim), self.weight),
+                    )
+                sub.requires_grad_(True)
                 local = (global_labels - self.class_start).clamp(0, self.num_local - 1)
                 target_cols = torch.searchsorted(rows, local)
             owned = (global_labels >= self.class_start) & (
@@ -377,7 +417,7 @@ class PartialFC(nn.Module):
                 self._sampled.append((rows, sub))
 
             loss = _ShardMarginSoftmax.apply(
-                F.normalize(x, dim=1), sub, target_cols, self.margin, self.group
+                F.normalize(x, dim=1), sub, target_cols, self.margin, self.group, self.workspace
             )
         if self.training:
             self.sample_step += 1
@@ -404,4 +444,10 @@ class PartialFC(nn.Module):
         return SampledGrad(union, grad)
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 (nn.Module API)
+        """Drop the sampled rows' gradients; their buffers are kept for the next step."""
+        for rows, sub in self._sampled:
+            if rows.numel() < self.num_local:  # a copy, not the shard itself
+                self.workspace.give("rows", sub)
+            self.workspace.give("grad_rows", sub.grad)
+            sub.grad = None
         self._sampled.clear()

@@ -292,3 +292,31 @@ def test_gradient_accumulation_sums_sparse_gradients():
 def test_rank_failure_is_reported():
     with pytest.raises(RankFailed):
         run_world(_constructor_worker, 1, {"num_classes": 10})
+
+
+def _chunked_sgd_worker(rank, world):
+    """ShardSGD in small chunks equals the SGD formula row by row, over two steps."""
+    pfc = PartialFC(40, 6, sample_rate=0.5, dtype=torch.float64)
+    opt = ShardSGD(pfc, lr=0.3, momentum=0.9, weight_decay=0.01)
+    opt.CHUNK_ROWS = 3  # several chunks, the last one partial
+    mom = torch.zeros_like(pfc.weight)
+    for step in range(2):
+        x, labels = _global_batch(5, 6, 40, seed=step)
+        w0 = pfc.weight.detach().clone()
+        pfc(x.requires_grad_(), labels).backward()
+        sampled = pfc.sampled_grad()
+        rows, grad = sampled.rows, sampled.grad.clone()
+        assert rows.numel() > 2 * opt.CHUNK_ROWS
+        g = grad + 0.01 * w0[rows]
+        mom[rows] = 0.9 * mom[rows] + g
+        expected = w0.clone()
+        expected[rows] -= 0.3 * mom[rows]
+        opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(pfc.weight.detach(), expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt.momentum_buffer, mom, rtol=1e-12, atol=1e-14)
+    return True
+
+
+def test_shard_sgd_in_chunks_follows_the_sgd_formula():
+    run_world(_chunked_sgd_worker, 1)
