@@ -8,9 +8,16 @@ Makes N synthetic face-sized images (smooth gradients + noise, 40 identities) an
 * re-encode (PNG 112): 112x112 PNGs -> decode + encode as JPEG.
 
 Besides wall time it prints CPU time per image (all processes, user + system): on a
-machine shared with other work the wall times fall, CPU time per image much less.
+machine shared with other work the wall times fall, CPU time per image much less. So the
+targets (2 workers: pass-through >= 6,000 images/s, re-encode >= 2,500 images/s) are
+judged twice: on the measured wall time (meaningful only when the load average, printed,
+is well below the CPU count) and on CPU time: ``cores * 1e6 / CPU us per image`` is the
+rate on an otherwise idle machine if the processes overlapped perfectly; the budget keeps
+10% of it for the single-threaded start-up and imperfect overlap, i.e. <= 300 CPU us per
+image for 6,000 images/s and <= 720 for 2,500 on 2 cores.
 
     python benchmarks/convert_throughput.py [--images 8000] [--workdir /tmp/convert_bench]
+        [--repeat 1] [--cases pass-through,jpeg128,png112]
 """
 
 from __future__ import annotations
@@ -28,7 +35,11 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = (("pass-through", "jpeg", 112), ("re-encode (JPEG 128)", "jpeg", 128), ("re-encode (PNG 112)", "png", 112))
+CASES = {"pass-through": ("pass-through", "jpeg", 112, 6000),
+         "jpeg128": ("re-encode (JPEG 128)", "jpeg", 128, 2500),
+         "png112": ("re-encode (PNG 112)", "png", 112, 2500)}
+TARGET_WORKERS = 2
+OVERLAP = 0.9  # share of the ideal CPU-bound rate reached on an idle machine
 
 
 def make_images(root: Path, n: int, fmt: str, side: int) -> None:
@@ -63,21 +74,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=8000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/convert_bench"))
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the least CPU time and wall time count")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--workers", default="1,2", help="worker counts to time (default 1,2)")
     args = parser.parse_args()
-    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    loads = [os.getloadavg()[0]]
     rows = []
-    for name, fmt, side in CASES:
+    for key in args.cases.split(","):
+        name, fmt, side, target = CASES[key]
         src = args.workdir / f"src_{fmt}{side}"
         if not src.exists():
             make_images(src, args.images, fmt, side)
-        for workers in (1, 2):
-            seconds, cpu = time_build(src, args.workdir / "out", workers)
-            rows.append((name, workers, seconds, args.images / seconds, 1e6 * cpu / args.images))
+        for workers in (int(w) for w in args.workers.split(",")):
+            runs = [time_build(src, args.workdir / "out", workers) for _ in range(args.repeat)]
+            seconds, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
+            rows.append((name, workers, seconds, args.images / seconds, 1e6 * cpu / args.images, target))
+            loads.append(os.getloadavg()[0])
     shutil.rmtree(args.workdir / "out", ignore_errors=True)
-    print(f"load average before: {load:.1f} on {os.cpu_count()} CPUs (other work slows the wall times)")
-    print(f"{'case':<22} {'workers':>7} {'seconds':>8} {'images/s':>9} {'CPU us/image':>13}")
-    for name, workers, seconds, rate, cpu_us in rows:
-        print(f"{name:<22} {workers:>7} {seconds:>8.2f} {rate:>9,.0f} {cpu_us:>13,.0f}")
+    print(f"load average (1 min) during the runs: {min(loads):.1f} .. {max(loads):.1f} on {cpus} CPUs "
+          f"(other work slows the wall times, much less the CPU times)")
+    print(f"{'case':<22} {'workers':>7} {'seconds':>8} {'images/s':>9} {'CPU us/image':>13} {'CPU-bound images/s':>19}")
+    for name, workers, seconds, rate, cpu_us, _ in rows:
+        print(f"{name:<22} {workers:>7} {seconds:>8.2f} {rate:>9,.0f} {cpu_us:>13,.0f} "
+              f"{min(workers, cpus) * 1e6 / cpu_us:>19,.0f}")
+    for name, workers, seconds, rate, cpu_us, target in rows:
+        if workers != TARGET_WORKERS:
+            continue
+        budget = OVERLAP * min(workers, cpus) * 1e6 / target
+        print(f"{'PASS' if rate >= target else 'FAIL'} (wall) {name}: {rate:,.0f} images/s "
+              f"(target >= {target:,}, {workers} workers)")
+        print(f"{'PASS' if cpu_us <= budget else 'FAIL'} (CPU)  {name}: {cpu_us:,.0f} CPU us/image "
+              f"(budget <= {budget:,.0f} for {target:,} images/s on {min(workers, cpus)} cores)")
 
 
 if __name__ == "__main__":

@@ -10,25 +10,34 @@ SRC is either
   relative paths relative to the list file's folder (blank lines ignored).
   ``num_classes`` = largest label + 1; class names are ``str(class_id)``.
 
-Images become ``size x size`` RGB JPEGs. An image that already is a ``size x size`` RGB
-JPEG is copied unchanged (decoded once to validate). Anything else Pillow reads (PNG,
-GIF, PGM, grayscale, CMYK, ...) is converted to RGB and, when not ``size x size``,
-resized so that its *shorter side* is ``size`` and then centre-cropped to a square
-(bilinear, antialiased; aspect ratio kept, as face crops should be), then encoded with
-``--quality``. JPEGs are decoded with ``draft()`` (DCT scaling) when they are at least
-twice as large as needed. EXIF orientation is not applied (face datasets are aligned
-crops). See :mod:`data_tools.shards` for shuffling, sharding, resume and rejects.
+Images become ``size x size`` RGB JPEGs. An image that already is a ``size x size``
+3-channel (YCbCr/RGB) JPEG is copied unchanged, after its whole entropy-coded stream is
+decoded once (at 1/8 scale) to validate it. Anything else Pillow reads (PNG, GIF, PGM,
+grayscale, CMYK, ...) is converted to RGB and, when not ``size x size``, resized so that
+its *shorter side* is ``size`` and then centre-cropped to a square (bilinear,
+antialiased; aspect ratio kept, as face crops should be), then encoded with ``--quality``
+(4:2:0 chroma subsampling, as Pillow does). A larger 3-channel JPEG is first decoded with
+libjpeg-turbo DCT scaling by the smallest factor ``M/8`` (M = 1..8) that keeps both sides
+``>= size`` (a 128x128 JPEG decodes straight to 112x112 at 7/8), and only what remains
+is resized bilinearly; so resized JPEGs differ slightly from a full-size decode + bilinear
+resize. JPEG decoding and encoding use simplejpeg (libjpeg-turbo); a JPEG it refuses
+(corrupt or truncated, or a variant it cannot read) is handed to Pillow, which decides
+whether to reject it, so the accepted set is Pillow's. Every step depends only on the
+image, so the output does not depend on ``--workers``. EXIF orientation is not applied
+(face datasets are aligned crops). See :mod:`data_tools.shards` for shuffling, sharding,
+resume and rejects.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import simplejpeg
 from PIL import Image
 
 from data_tools.shards import (
@@ -110,8 +119,41 @@ def read_source(src: Path) -> Source:
     raise ValueError(f"{src}: no such image folder or list file")
 
 
+_SOI = b"\xff\xd8\xff"  # how Pillow recognises a JPEG
+
+
 def encode_image(data: bytes, size: int, quality: int) -> bytes:
     """``size x size`` RGB JPEG bytes for an encoded image (see the module docstring)."""
+    if data[:3] == _SOI:
+        encoded = _encode_jpeg(data, size, quality)
+        if encoded is not None:
+            return encoded
+    return _encode_with_pillow(data, size, quality)
+
+
+def _encode_jpeg(data: bytes, size: int, quality: int) -> bytes | None:
+    """The fast path for 3-channel JPEGs, or None to leave the image to Pillow."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "RGB") or width == 0 or height == 0:
+        return None  # grayscale, CMYK, YCCK: Pillow converts them
+    try:
+        if (width, height) == (size, size):
+            # strict: a truncated or corrupt stream raises instead of being patched up
+            simplejpeg.decode_jpeg(data, min_height=1, min_width=1, strict=True)
+            return data
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size, strict=True)
+    except ValueError:
+        return None  # Pillow decides: it rejects (with its reason) or accepts it
+    h, w = pixels.shape[:2]
+    if (w, h) != (size, size):
+        pixels = np.asarray(_resize(Image.fromarray(pixels, "RGB"), size))
+    return simplejpeg.encode_jpeg(pixels, quality=quality, colorspace="RGB", colorsubsampling="420")
+
+
+def _encode_with_pillow(data: bytes, size: int, quality: int) -> bytes:
     image = open_encoded(data)
     if image.format == "JPEG" and image.mode == "RGB" and image.size == (size, size):
         validate(image)
@@ -122,13 +164,17 @@ def encode_image(data: bytes, size: int, quality: int) -> bytes:
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (size, size):
-        w, h = image.size
-        side = min(w, h)
-        left, top = (w - side) / 2, (h - side) / 2
-        image = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality)
-    return out.getvalue()
+        image = _resize(image, size)
+    pixels = np.ascontiguousarray(np.asarray(image))
+    return simplejpeg.encode_jpeg(pixels, quality=quality, colorspace="RGB", colorsubsampling="420")
+
+
+def _resize(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size``, centre-cropped to a square (bilinear, antialiased)."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
 
 
 @dataclass(frozen=True)
@@ -167,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
     items = list(zip(source.paths, source.labels))
     shard_size = shard_size_for(len(items), args.shard_size, args.shards)
     options = {"tool": TOOL_VERSION, "seed": args.seed, "shard_size": shard_size,
-               "size": args.size, "quality": args.quality}
+               "size": args.size, "quality": args.quality,
+               "codec": "simplejpeg-dct-scale"}  # a .partial from the older Pillow-only code is not resumable
     write_dataset(DatasetSpec(
         out=args.out, items=items, describe=operator.itemgetter(0), processor=ImageEncoder(args.size, args.quality),
         num_classes=len(source.class_names), class_names=source.class_names,

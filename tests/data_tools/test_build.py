@@ -237,3 +237,61 @@ def test_cli_imports_only_the_command_it_runs():
             "'data_tools.inspect', 'data_tools.verify', 'data_tools.pairs')))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "['data_tools.build']", proc.stderr
+
+
+def _jpeg(pixels: np.ndarray, **options) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", **options)
+    return out.getvalue()
+
+
+def test_jpeg_fast_path_keeps_pillows_verdicts():
+    """simplejpeg validates and decodes JPEGs; whatever it refuses goes to Pillow, as before."""
+    import simplejpeg
+
+    from data_tools.build import encode_image
+    from data_tools.shards import Rejected
+
+    data = _jpeg(_pixels(1, SIZE, SIZE), quality=90)
+    assert encode_image(data, SIZE, 95) == data  # copied unchanged after a validating decode
+    with pytest.raises(Rejected, match="(?i)truncated"):  # the 1/8-scale decode still reads the whole stream
+        encode_image(data[: len(data) * 2 // 3], SIZE, 95)
+    # a damaged entropy-coded byte: libjpeg-turbo only warns; simplejpeg (strict) refuses, Pillow accepts
+    start = data.index(b"\xff\xda") + 20
+    damaged = []
+    for pos in range(start, len(data) - 2):
+        candidate = bytearray(data)
+        candidate[pos] ^= 0x55
+        if 0xFF in candidate[pos - 1:pos + 2]:
+            continue
+        try:
+            simplejpeg.decode_jpeg(bytes(candidate), min_height=1, min_width=1, strict=True)
+        except ValueError:
+            damaged.append(bytes(candidate))
+    assert damaged
+    assert encode_image(damaged[0], SIZE, 95) == damaged[0]
+
+
+def test_resized_jpegs_use_dct_scaling_close_to_bilinear():
+    from data_tools.build import encode_image
+
+    yy, xx = np.mgrid[0:4 * SIZE, 0:2 * SIZE].astype(np.float32)  # 32 wide, 64 high
+    smooth = np.stack([xx * 7, yy * 3, 255 - xx * 3 - yy], axis=-1).clip(0, 255).astype(np.uint8)
+    data = _jpeg(smooth, quality=95)
+    out = encode_image(data, SIZE, 95)
+    assert encode_image(data, SIZE, 95) == out  # deterministic
+    image = Image.open(io.BytesIO(out))
+    assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (SIZE, SIZE))
+    assert image.layer[0][1:3] == (2, 2)  # 4:2:0 chroma subsampling, as Pillow writes at q95
+    full = Image.open(io.BytesIO(data)).convert("RGB")  # full decode, centre crop, bilinear
+    reference = full.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=(0, SIZE, 2 * SIZE, 3 * SIZE))
+    diff = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+    assert diff.mean() < 4, diff.mean()
+
+    small = Image.open(io.BytesIO(encode_image(_jpeg(smooth[:10, :7]), SIZE, 95)))  # upscaled, no DCT scaling
+    assert (small.mode, small.size) == ("RGB", (SIZE, SIZE))
+
+    cmyk = io.BytesIO()  # CMYK (and grayscale) JPEGs take Pillow's way
+    Image.fromarray(smooth).convert("CMYK").save(cmyk, "JPEG")
+    converted = Image.open(io.BytesIO(encode_image(cmyk.getvalue(), SIZE, 95)))
+    assert (converted.mode, converted.size) == ("RGB", (SIZE, SIZE))
