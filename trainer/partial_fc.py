@@ -397,16 +397,10 @@ class PartialFC(nn.Module):
 
             rows = self._sample_rows(global_labels)
             self.last_sampled = rows
+            sub = self._scored_rows(rows)
             if self.samples_all:
-                sub = self.weight.detach().requires_grad_(True)
                 target_cols = global_labels - self.class_start
             else:
-                with torch.no_grad():
-                    sub = torch.index_select(
-                        self.weight, 0, rows,
-                        out=self.workspace.take("rows", (rows.numel(), dim), self.weight),
-                    )
-                sub.requires_grad_(True)
                 local = (global_labels - self.class_start).clamp(0, self.num_local - 1)
                 target_cols = torch.searchsorted(rows, local)
             owned = (global_labels >= self.class_start) & (
@@ -422,6 +416,18 @@ class PartialFC(nn.Module):
         if self.training:
             self.sample_step += 1
         return loss
+
+    def _scored_rows(self, rows: Tensor) -> Tensor:
+        """The centres to score, as a leaf whose gradient is the sparse gradient: a copy
+        of the sampled rows (in a reused buffer), or the shard itself at rate 1."""
+        if self.samples_all:
+            return self.weight.detach().requires_grad_(True)
+        with torch.no_grad():
+            sub = torch.index_select(
+                self.weight, 0, rows,
+                out=self.workspace.take("rows", (rows.numel(), self.embedding_size), self.weight),
+            )
+        return sub.requires_grad_(True)
 
     # -- the sparse gradient --------------------------------------------------------
     def sampled_grad(self) -> SampledGrad | None:
