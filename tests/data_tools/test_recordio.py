@@ -341,3 +341,42 @@ def test_mxnet_env_reports_unreachable_registry(tmp_path):
     env |= {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "1"}
     with pytest.raises(mxnet_env.RegistryUnreachable, match="registry is unreachable"):
         mxnet_env.create_venv(tmp_path / "venv", env)
+
+
+def test_dali_reads_mxnet_written_files(mxnet_python, tmp_path):
+    """Files written by MXNet itself stream through DALI's reader + decoder (CPU)."""
+    dali = pytest.importorskip("nvidia.dali", reason="the dali extra is not installed")
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(6)]
+    jpegs = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        jpegs.append(buf.getvalue())
+    records = [(i, [0, float(i % 3), i, 0], jpeg) for i, jpeg in enumerate(jpegs)]
+    rec, idx = tmp_path / "mx.rec", tmp_path / "mx.idx"
+    _run_mxnet(mxnet_python, tmp_path, "write", rec, idx, records)
+
+    @dali.pipeline_def(batch_size=len(jpegs), num_threads=1, device_id=None)
+    def pipe():
+        data, labels = dali.fn.readers.mxnet(
+            path=[str(rec)], index_path=[str(idx)], random_shuffle=False
+        )
+        return dali.fn.decoders.image(data, device="cpu", output_type=dali.types.RGB), labels
+
+    p = pipe()
+    p.build()
+    decoded, labels = p.run()
+    assert [float(np.asarray(labels[i]).reshape(-1)[0]) for i in range(len(jpegs))] == [
+        float(i % 3) for i in range(len(jpegs))
+    ]
+    for i, jpeg in enumerate(jpegs):
+        expected = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.int16)
+        got = np.asarray(decoded[i], dtype=np.int16)
+        assert got.shape == (112, 112, 3)
+        assert np.abs(got - expected).max() <= 2  # libjpeg-turbo IDCT variants
