@@ -80,9 +80,12 @@ def init_class_centres(
         b0 = block * INIT_BLOCK_ROWS
         rows = min(INIT_BLOCK_ROWS, num_classes - b0)
         g = torch.Generator().manual_seed(mixed_seed(1, seed, block))
-        values = torch.empty(rows, dim, dtype=dtype).normal_(0.0, INIT_STD, generator=g)
         lo, hi = max(start, b0), min(start + count, b0 + rows)
-        out[lo - start : hi - start] = values[lo - b0 : hi - b0]
+        if (lo, hi) == (b0, b0 + rows):  # whole block: draw in place, no temporary
+            out[lo - start : hi - start].normal_(0.0, INIT_STD, generator=g)
+        else:
+            values = torch.empty(rows, dim, dtype=dtype).normal_(0.0, INIT_STD, generator=g)
+            out[lo - start : hi - start] = values[lo - b0 : hi - b0]
     return out
 
 
