@@ -31,13 +31,9 @@ import hashlib
 import json
 import math
 import os
-import platform
-import resource
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,8 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-WORLD_SIZE = 2
-GIB = 1024**3
+from benchmarks._launch import (GIB, WORLD_SIZE, add_launcher_args, default_mem_limit_gib,
+    finish_row, fmt_classes, machine_info, machine_line, ok, peak_rss_gib, run_pair)
 
 # Numbers quoted in the issue, NOT measured by this script: insightface arcface_torch
 # PartialFC_V2 on this kind of machine (seconds per step, peak RSS per rank in GB).
@@ -73,10 +69,6 @@ def _dense_partial_fc():
             return self.weight if self.samples_all else self.weight[rows]
 
     return DenseGradPartialFC
-
-
-def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
 
 
 def worker(cfg: dict, out_path: str) -> None:
@@ -148,7 +140,7 @@ def worker(cfg: dict, out_path: str) -> None:
         if step >= n_warm:
             times.append(dt)
             cpu_times.append(dc)
-    peak_rss = _rss_gib()  # before the profiled step: the profiler has a footprint too
+    peak_rss = peak_rss_gib()  # before the profiled step: the profiler has a footprint too
     if cfg["profile"]:
         from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -183,12 +175,6 @@ def worker(cfg: dict, out_path: str) -> None:
 # ----------------------------------------------------------------------------- launcher
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def est_gib_per_rank(cfg: dict) -> float:
     """Rough peak memory of one rank for `cfg`, fitted to measured rows (CPU, float32).
 
@@ -208,10 +194,8 @@ def est_gib_per_rank(cfg: dict) -> float:
 
 def run_row(cfg: dict, mem_limit_gib: float | None, timeout: float) -> dict:
     """Run one config in a fresh 2-process group; return the row (with 'error' on failure)."""
-    import psutil
-
     if mem_limit_gib is None:
-        mem_limit_gib = psutil.virtual_memory().available / GIB - 1.5
+        mem_limit_gib = default_mem_limit_gib()
     row = {k: cfg[k] for k in ("classes", "rate", "impl", "dim", "batch", "warmup", "steps")}
     need = WORLD_SIZE * est_gib_per_rank(cfg)
     if need > mem_limit_gib:
@@ -219,78 +203,23 @@ def run_row(cfg: dict, mem_limit_gib: float | None, timeout: float) -> dict:
                         f"memory limit {mem_limit_gib:.1f} GiB (--mem-limit-gib)")
         row["skipped"] = True
         return row
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="pfc_step_") as tmp:
-        procs, logs, outs = [], [], []
-        for rank in range(WORLD_SIZE):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       OMP_NUM_THREADS=str(cfg["threads"]), MKL_NUM_THREADS=str(cfg["threads"]))
-            out = os.path.join(tmp, f"rank{rank}.json")
-            log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--_worker", json.dumps(cfg), out],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-            ))
-            logs.append(log)
-            outs.append(out)
-        handles = [psutil.Process(p.pid) for p in procs]
-        error, watch_peak, t_start = None, 0.0, time.monotonic()
-        while any(p.poll() is None for p in procs):
-            rss = 0
-            for h in handles:
-                try:
-                    rss += h.memory_info().rss
-                except psutil.Error:
-                    pass
-            watch_peak = max(watch_peak, rss / GIB)
-            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed:
-                error = f"rank {failed[0]} exited with code {procs[failed[0]].returncode}"
-            elif rss / GIB > mem_limit_gib:
-                error = f"killed: workers' RSS {rss / GIB:.1f} GiB > limit {mem_limit_gib:.1f} GiB"
-            elif time.monotonic() - t_start > timeout:
-                error = f"killed: row took longer than {timeout:.0f} s"
-            if error:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                break
-            time.sleep(0.1)
-        for p in procs:
-            p.wait()
-        if error is None and any(p.returncode != 0 for p in procs):
-            error = "; ".join(f"rank {r} exited with code {p.returncode}"
-                              for r, p in enumerate(procs) if p.returncode != 0)
-        tails = []
-        for rank, log in enumerate(logs):
-            log.seek(0)
-            text = log.read().strip()
-            log.close()
-            if text:
-                tails.append(f"[rank {rank}] " + "\n".join(text.splitlines()[-15:]))
-        if error is None:
-            results = [json.loads(Path(o).read_text()) for o in outs]
-            steps, cpu = results[0]["step_s"], results[0]["cpu_s"]
-            row.update(
-                median_s=statistics.median(steps),
-                median_cpu_s=statistics.median(cpu),
-                step_s=steps,
-                cpu_s=cpu,
-                peak_rss_gib=[r["peak_rss_gib"] for r in results],
-                rss_gib=[r["rss_gib"] for r in results],
-                num_sample=[r["num_sample"] for r in results],
-                num_local=[r["num_local"] for r in results],
-                losses=results[0]["losses"],
-                profile=results[0]["profile"],
-            )
-            if tails:
-                row["worker_output"] = "\n".join(tails)
-        else:
-            row["error"] = error + ("\n" + "\n".join(tails) if tails else "")
-    row["watchdog_peak_total_rss_gib"] = watch_peak
-    row["load1_at_end"] = os.getloadavg()[0]
-    return row
+    run = run_pair(__file__, cfg, mem_limit_gib, timeout, tmp_prefix="pfc_step_")
+    if run.results is not None:
+        results = run.results
+        steps, cpu = results[0]["step_s"], results[0]["cpu_s"]
+        row.update(
+            median_s=statistics.median(steps),
+            median_cpu_s=statistics.median(cpu),
+            step_s=steps,
+            cpu_s=cpu,
+            peak_rss_gib=[r["peak_rss_gib"] for r in results],
+            rss_gib=[r["rss_gib"] for r in results],
+            num_sample=[r["num_sample"] for r in results],
+            num_local=[r["num_local"] for r in results],
+            losses=results[0]["losses"],
+            profile=results[0]["profile"],
+        )
+    return finish_row(row, run)
 
 
 CODE_FILES = ("trainer/partial_fc.py", "trainer/optim.py", "trainer/margins.py")
@@ -318,47 +247,11 @@ def code_version() -> str:
     return f"git {head}" + (f" + uncommitted changes to {changed}" if changed else "")
 
 
-def machine_info(threads: int) -> dict:
-    import psutil
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "ram_gib": psutil.virtual_memory().total / GIB,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "world_size": WORLD_SIZE,
-        "threads_per_rank": threads,
-        "load_avg_at_start": os.getloadavg(),
-    }
-
-
-def fmt_classes(c: int) -> str:
-    if c % 1_000_000 == 0:
-        return f"{c // 1_000_000}M"
-    if c % 1000 == 0:
-        return f"{c // 1000}k"
-    return str(c)
-
-
 def find(rows: list[dict], classes: int, rate: float, impl: str) -> dict | None:
     for r in rows:
         if r["classes"] == classes and r["rate"] == rate and r["impl"] == impl:
             return r
     return None
-
-
-def ok(row: dict | None) -> bool:
-    return row is not None and "error" not in row
 
 
 def print_table(rows: list[dict]) -> None:
@@ -446,13 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="after the timed steps, profile one more step on rank 0 and print "
                         "the op table (torch.profiler)")
     p.add_argument("--json", metavar="OUT", help="write machine info and rows to this file")
-    p.add_argument("--mem-limit-gib", type=float, default=None,
-                   help="kill a row whose two workers together exceed this RSS "
-                        "(default: available memory when the row starts minus 1.5 GiB); a row "
-                        "whose estimated need exceeds it is skipped")
-    p.add_argument("--row-timeout", type=float, default=3600.0,
-                   help="kill a row that runs longer than this many seconds (default 3600)")
-    p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
+    add_launcher_args(p, "; a row whose estimated need exceeds it is skipped")
     args = p.parse_args(argv)
 
     if args._worker:
@@ -473,11 +360,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info(args.threads)
     machine["code"] = code_version()
-    machine_line = (f"machine: {machine['cpu']}, {machine['logical_cores']} logical cores, "
-                    f"{machine['ram_gib']:.0f} GiB RAM; torch {machine['torch']}; "
-                    f"{WORLD_SIZE} ranks (gloo) x {args.threads} torch thread(s) per rank; "
-                    f"load average at start {machine['load_avg_at_start'][0]:.2f}")
-    print(machine_line)
+    print(machine_line(machine))
     print(f"code under test: {machine['code']} ({', '.join(CODE_FILES)} hash {code_hash()})")
     print(f"D={args.dim}, batch {args.batch}/rank (global {args.batch * WORLD_SIZE}), "
           f"{args.warmup} warmup + {args.steps} timed steps per row; one fresh process "
@@ -524,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = targets(rows)
     for verdict, name, detail in verdicts:
         print(f"{verdict}: {name} ({detail})")
-    print(machine_line)
+    print(machine_line(machine))
 
     if args.json:
         payload = {"machine": machine, "args": {k: v for k, v in vars(args).items()

@@ -54,14 +54,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import resource
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -69,8 +63,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-WORLD_SIZE = 2
-GIB = 1024**3
+from benchmarks._launch import (WORLD_SIZE, add_launcher_args, finish_row, fmt_classes,
+    machine_info, machine_line, ok, peak_rss_gib, run_pair)
+
 PHASES = ("data", "bb_fwd", "head_fwd", "head_bwd", "bb_bwd", "clip", "opt_bb", "opt_head", "zero")
 PHASE_TITLES = {
     "data": "data", "bb_fwd": "bb fwd", "head_fwd": "head fwd", "head_bwd": "head bwd",
@@ -80,10 +75,6 @@ PHASE_TITLES = {
 
 
 # ----------------------------------------------------------------------------- worker
-
-
-def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
 
 
 def head_rate(head: str) -> float | None:
@@ -268,7 +259,7 @@ def worker(spec: dict, out_path: str) -> None:
         source, clip_params, forward_backward, optimizer_step, zero_grad, info = make(
             spec, cfg, ctx, timeline
         )
-        rss_built = _rss_gib()
+        rss_built = peak_rss_gib()
         clip = cfg.optim.clip_grad_norm or math.inf
         batches = source.epoch_batches(0)
         step_s, phase_s, cpu, losses = [], {p: [] for p in PHASES}, [], []
@@ -329,7 +320,7 @@ def worker(spec: dict, out_path: str) -> None:
             "phases_s": phase_s,
             "cpu_s": cpu,
             "losses": losses,
-            "peak_rss_gib": _rss_gib(),
+            "peak_rss_gib": peak_rss_gib(),
             "rss_built_gib": rss_built,
             **info,
         }
@@ -342,146 +333,48 @@ def worker(spec: dict, out_path: str) -> None:
 # ----------------------------------------------------------------------------- launcher
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_row(spec: dict, mem_limit_gib: float | None, timeout: float) -> dict:
     """Run one (backbone, head) in a fresh 2-process group; the row ('error' on failure)."""
-    import psutil
-
-    if mem_limit_gib is None:
-        mem_limit_gib = psutil.virtual_memory().available / GIB - 1.5
     row = dict(spec)
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
-        procs, logs, outs = [], [], []
-        for rank in range(WORLD_SIZE):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD_SIZE),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       OMP_NUM_THREADS=str(spec["threads"]),
-                       MKL_NUM_THREADS=str(spec["threads"]))
-            out = os.path.join(tmp, f"rank{rank}.json")
-            log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--_worker", json.dumps(spec), out],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-            ))
-            logs.append(log)
-            outs.append(out)
-        handles = [psutil.Process(p.pid) for p in procs]
-        error, watch_peak, t_start = None, 0.0, time.monotonic()
-        while any(p.poll() is None for p in procs):
-            rss = 0
-            for h in handles:
-                try:
-                    rss += h.memory_info().rss
-                except psutil.Error:
-                    pass
-            watch_peak = max(watch_peak, rss / GIB)
-            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed:
-                error = f"rank {failed[0]} exited with code {procs[failed[0]].returncode}"
-            elif rss / GIB > mem_limit_gib:
-                error = f"killed: workers' RSS {rss / GIB:.1f} GiB > limit {mem_limit_gib:.1f} GiB"
-            elif time.monotonic() - t_start > timeout:
-                error = f"killed: row took longer than {timeout:.0f} s"
-            if error:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                break
-            time.sleep(0.2)
-        for p in procs:
-            p.wait()
-        if error is None and any(p.returncode != 0 for p in procs):
-            error = "; ".join(f"rank {r} exited with code {p.returncode}"
-                              for r, p in enumerate(procs) if p.returncode != 0)
-        tails = []
-        for rank, log in enumerate(logs):
-            log.seek(0)
-            text = log.read().strip()
-            log.close()
-            if text:
-                tails.append(f"[rank {rank}] " + "\n".join(text.splitlines()[-15:]))
-        if error is None:
-            results = [json.loads(Path(o).read_text()) for o in outs]
-            r0 = results[0]
+    run = run_pair(__file__, spec, mem_limit_gib, timeout, tmp_prefix="train_throughput_",
+                   poll_s=0.2)
+    if run.results is not None:
+        results = run.results
+        r0 = results[0]
 
-            def per_step(how, key, phase=None):
-                values = [r[key] if phase is None else r[key][phase] for r in results]
-                return [how(v) for v in zip(*values)]
+        def per_step(how, key, phase=None):
+            values = [r[key] if phase is None else r[key][phase] for r in results]
+            return [how(v) for v in zip(*values)]
 
-            # A step takes as long as its slower rank (both start at the same barrier).
-            # Phases ending in a collective (PFC's all-gathers, DDP's all-reduce) include
-            # waiting for the other rank; the rank that waited less shows the phase's own
-            # cost, so the breakdown uses the minimum over ranks (the maximum is kept too).
-            step_s = per_step(max, "step_s")
-            cpu_s = per_step(max, "cpu_s")
-            phases_max = {p: per_step(max, "phases_s", p) for p in PHASES}
-            phases_min = {p: per_step(min, "phases_s", p) for p in PHASES}
-            row.update(
-                median_s=statistics.median(step_s),
-                median_cpu_s=statistics.median(cpu_s),
-                step_s=step_s,
-                cpu_s=cpu_s,
-                phases_s=phases_max,
-                phases_min_s=phases_min,
-                median_phases_s={p: statistics.median(v) for p, v in phases_max.items()},
-                median_phases_min_s={p: statistics.median(v) for p, v in phases_min.items()},
-                per_rank={k: [r[k] for r in results] for k in ("step_s", "cpu_s", "phases_s")},
-                peak_rss_gib=[r["peak_rss_gib"] for r in results],
-                rss_built_gib=[r["rss_built_gib"] for r in results],
-                losses=r0["losses"],
-                **{k: r0[k] for k in ("head_params_per_rank", "num_local", "num_sample")
-                   if k in r0},
-                allreduce_alone_s=max(r.get("allreduce_alone_s", 0.0) for r in results),
-            )
-            if tails:
-                row["worker_output"] = "\n".join(tails)
-        else:
-            row["error"] = error + ("\n" + "\n".join(tails) if tails else "")
-    row["watchdog_peak_total_rss_gib"] = watch_peak
-    row["load1_at_end"] = os.getloadavg()[0]
-    return row
+        # A step takes as long as its slower rank (both start at the same barrier).
+        # Phases ending in a collective (PFC's all-gathers, DDP's all-reduce) include
+        # waiting for the other rank; the rank that waited less shows the phase's own
+        # cost, so the breakdown uses the minimum over ranks (the maximum is kept too).
+        step_s = per_step(max, "step_s")
+        cpu_s = per_step(max, "cpu_s")
+        phases_max = {p: per_step(max, "phases_s", p) for p in PHASES}
+        phases_min = {p: per_step(min, "phases_s", p) for p in PHASES}
+        row.update(
+            median_s=statistics.median(step_s),
+            median_cpu_s=statistics.median(cpu_s),
+            step_s=step_s,
+            cpu_s=cpu_s,
+            phases_s=phases_max,
+            phases_min_s=phases_min,
+            median_phases_s={p: statistics.median(v) for p, v in phases_max.items()},
+            median_phases_min_s={p: statistics.median(v) for p, v in phases_min.items()},
+            per_rank={k: [r[k] for r in results] for k in ("step_s", "cpu_s", "phases_s")},
+            peak_rss_gib=[r["peak_rss_gib"] for r in results],
+            rss_built_gib=[r["rss_built_gib"] for r in results],
+            losses=r0["losses"],
+            **{k: r0[k] for k in ("head_params_per_rank", "num_local", "num_sample")
+               if k in r0},
+            allreduce_alone_s=max(r.get("allreduce_alone_s", 0.0) for r in results),
+        )
+    return finish_row(row, run)
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def machine_info(threads: int) -> dict:
-    import psutil
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "ram_gib": psutil.virtual_memory().total / GIB,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "world_size": WORLD_SIZE,
-        "threads_per_rank": threads,
-        "load_avg_at_start": os.getloadavg(),
-    }
-
-
-def fmt_classes(c: int) -> str:
-    if c % 1_000_000 == 0:
-        return f"{c // 1_000_000}M"
-    if c % 1000 == 0:
-        return f"{c // 1000}k"
-    return str(c)
 
 
 def head_title(head: str) -> str:
@@ -489,10 +382,6 @@ def head_title(head: str) -> str:
     if rate is not None:
         return f"PFC r={rate:g}"
     return {"none": "backbone only", "dp": "DP Linear+CE"}[head]
-
-
-def ok(row: dict | None) -> bool:
-    return row is not None and "error" not in row
 
 
 def find(rows: list[dict], backbone: str, head: str) -> dict | None:
@@ -644,13 +533,6 @@ def noise_line(rows: list[dict], backbone: str) -> str | None:
             "smaller than that are noise, the in-row verdicts are not affected by it")
 
 
-def machine_line(machine: dict) -> str:
-    return (f"machine: {machine['cpu']}, {machine['logical_cores']} logical cores, "
-            f"{machine['ram_gib']:.0f} GiB RAM; torch {machine['torch']}; "
-            f"{machine['world_size']} ranks (gloo) x {machine['threads_per_rank']} torch "
-            f"thread(s) per rank; load average at start {machine['load_avg_at_start'][0]:.2f}")
-
-
 def report(machine: dict, classes: int, rows: list[dict]) -> list[tuple[str, str, str]]:
     """Print the tables and the targets' verdicts; return the verdicts."""
     print_table(rows)
@@ -696,12 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="OUT", help="write machine info and rows to this file")
     p.add_argument("--report", metavar="IN",
                    help="run nothing: print the tables and verdicts of a file written by --json")
-    p.add_argument("--mem-limit-gib", type=float, default=None,
-                   help="kill a row whose two workers together exceed this RSS (default: "
-                        "memory available when the row starts minus 1.5 GiB)")
-    p.add_argument("--row-timeout", type=float, default=3600.0,
-                   help="kill a row that runs longer than this many seconds (default 3600)")
-    p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
+    add_launcher_args(p)
     args = p.parse_args(argv)
 
     if args._worker:
