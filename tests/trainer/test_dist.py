@@ -273,12 +273,13 @@ from trainer.dist import init_distributed, shutdown
 ctx = init_distributed()
 value = torch.tensor([float(ctx.rank + 1)], device=ctx.device)
 dist.all_reduce(value)
-print(json.dumps({
+sys.stdout.write(json.dumps({
     "rank": ctx.rank, "world": ctx.world_size, "local_rank": ctx.local_rank,
     "backend": ctx.backend, "launcher": ctx.env.launcher, "sum": value.item(),
     "group_world": dist.get_world_size(), "env_rank": os.environ["RANK"],
     "is_main": ctx.is_main,
-}), flush=True)
+}) + "\\n")
+sys.stdout.flush()
 shutdown()
 assert not dist.is_initialized()
 shutdown()
@@ -298,7 +299,12 @@ def _clean_env() -> dict[str, str]:
 
 
 def _results(stdout: str) -> list[dict]:
-    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    """The JSON objects the ranks printed. Ranks share torchrun's stdout, so one rank's
+    object can land before the other's newline: find objects, not lines."""
+    decoder, rows, i = json.JSONDecoder(), [], 0
+    while (i := stdout.find('{"rank"', i)) != -1:
+        row, i = decoder.raw_decode(stdout, i)
+        rows.append(row)
     return sorted(rows, key=lambda row: row["rank"])
 
 
