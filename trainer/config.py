@@ -127,6 +127,11 @@ class MarginConfig:
 @dataclass
 class PartialFCConfig:
     sample_rate: float = _bounded(1.0, gt=0, le=1)  # share of each rank's class centres used per step
+    # dtype the class centres and their momentum are stored in; math is fp32 on the sampled
+    # rows, 16-bit updates are written back with stochastic rounding
+    storage: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # host: centres and momentum live in host memory, sampled rows are copied to the device
+    offload: Literal["none", "host"] = "none"
 
 
 @dataclass
@@ -159,14 +164,26 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = _bounded(0, ge=0)  # steps; 0: only at the end
-    keep: int = _bounded(3, ge=1)
+    every: int = _bounded(0, ge=0)  # steps; 0: only at the end (and on preemption)
+    keep: int = _bounded(3, ge=1)  # newest complete checkpoints kept (plus `best`)
+    # auto: resume from run.output_dir/checkpoints/latest when it exists; never: start fresh
+    # (refused if checkpoints exist); otherwise the path of a checkpoint directory to start from
+    resume: str = "auto"
+    verify: bool = True  # check every file's size and checksum when loading
+    # Fault injection for tests and drills: at this 1-based step the last rank kills itself
+    # (SIGKILL) in the middle of writing its checkpoint files. 0 disables.
+    inject_kill_during_save: int = _bounded(0, ge=0)
 
 
 @dataclass
 class EvalConfig:
     targets: list[str] = field(default_factory=list)  # verification .bin files; each must exist
-    every: int = _bounded(0, ge=0)  # steps
+    every: int = _bounded(0, ge=0)  # steps; 0: only at the end of training
+    batch_size: int = _bounded(64, ge=1)  # images per rank per forward during evaluation
+    flip: bool = True  # test-time augmentation: embedding of image + its mirror
+    # keep checkpoints/best by this target's accuracy (a file name from targets, or its stem);
+    # null: the first target
+    best_target: str | None = None
 
 
 @dataclass

@@ -105,6 +105,8 @@ def check_supported(cfg: Config) -> None:
     unsupported = {
         "eval.targets": (bool(cfg.eval.targets), "verification during training is not available yet"),
         "checkpoint.every": (cfg.checkpoint.every != 0, "periodic checkpoints are not available yet"),
+        "partial_fc.storage": (cfg.partial_fc.storage != "fp32", "16-bit storage is not available yet"),
+        "partial_fc.offload": (cfg.partial_fc.offload != "none", "host offload is not available yet"),
     }
     for key, (bad, why) in unsupported.items():
         if bad:
