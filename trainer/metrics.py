@@ -104,11 +104,18 @@ class StepMeter:
 class RunLog:
     """Rank 0's progress line and metrics.jsonl; a no-op on the other ranks."""
 
-    def __init__(self, output_dir: str | os.PathLike[str], is_main: bool, total_steps: int) -> None:
+    def __init__(
+        self, output_dir: str | os.PathLike[str], is_main: bool, total_steps: int, first_step: int = 0
+    ) -> None:
+        """Appends to `output_dir/metrics.jsonl` (a resumed run continues it); `first_step`:
+        the step this process started from (for the ETA)."""
         self.is_main = is_main
         self.total_steps = total_steps
+        self.first_step = first_step
         self.start = time.perf_counter()
         self.path = Path(output_dir) / "metrics.jsonl"
+        if is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8") if is_main else None
 
     def write(self, step: int, epoch: int, lr: float, values: dict[str, float], **extra) -> None:
@@ -118,7 +125,7 @@ class RunLog:
         record = {"step": step, "epoch": epoch, "lr": lr, **values, **extra, "time": elapsed}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        eta = (self.total_steps - step) * elapsed / max(step, 1)
+        eta = (self.total_steps - step) * elapsed / max(step - self.first_step, 1)
         log.info(
             "step %d/%d  epoch %d  loss %.4f  lr %.5f  %.1f img/s  data-wait %.0f%%  eta %s",
             step, self.total_steps, epoch, values["loss"], lr, values["samples_per_sec"],

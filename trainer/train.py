@@ -28,6 +28,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +41,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer import checkpoint
 from trainer.backbones import get_backbone
+from trainer.checkpoint import CheckpointError, TrainingParts, TrainState
 from trainer.config import Config, ConfigError, load_config, save_config
 from trainer.data.recordio_source import make_recordio_source, open_dataset
 from trainer.data.synthetic import SyntheticIdentities
@@ -52,6 +55,7 @@ from trainer.metrics import (
 )
 from trainer.optim import LRSchedule, ShardSGD, TrainingOptimizer, make_backbone_optimizer
 from trainer.partial_fc import PartialFC
+from trainer.preemption import EXIT_PREEMPTED, Preemption
 
 if TYPE_CHECKING:
     from trainer.data.dali import DaliRecordIO  # imports nvidia.dali, an optional extra
@@ -61,6 +65,8 @@ log = logging.getLogger("trainer.train")
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_CHECKPOINT = 4
+# EXIT_PREEMPTED = 75 (trainer.preemption): checkpointed after SIGTERM/SIGUSR1; requeue me
 
 
 class NonFiniteStop(RuntimeError):
@@ -81,8 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "backbone, margin, partial_fc, optim, data, checkpoint, eval, metrics, dist "
             "(see trainer/config.py for every key and its default). Outputs go to "
             "run.output_dir: config.yaml (resolved config), logs/rank{R}.log, "
-            "metrics.jsonl, backbone.pt. Exit codes: 0 done, 2 config error, "
-            "3 stopped after run.max_nonfinite non-finite steps in a row."
+            "metrics.jsonl, checkpoints/ (step-N directories, `latest` names the newest "
+            "complete one; rerunning the same command resumes from it: "
+            "checkpoint.resume=auto|never|PATH), backbone.pt. SIGTERM or SIGUSR1: finish "
+            "the step, checkpoint, exit 75. Exit codes: 0 done, 2 config error, "
+            "3 stopped after run.max_nonfinite non-finite steps in a row, 4 checkpoint "
+            "cannot be loaded, 75 preempted (checkpoint written; rerun to resume)."
         ),
     )
     parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
@@ -104,7 +114,6 @@ def check_supported(cfg: Config) -> None:
     """Refuse settings this version cannot honour yet, instead of ignoring them."""
     unsupported = {
         "eval.targets": (bool(cfg.eval.targets), "verification during training is not available yet"),
-        "checkpoint.every": (cfg.checkpoint.every != 0, "periodic checkpoints are not available yet"),
         "partial_fc.storage": (cfg.partial_fc.storage != "fp32", "16-bit storage is not available yet"),
         "partial_fc.offload": (cfg.partial_fc.offload != "none", "host offload is not available yet"),
     }
@@ -142,8 +151,17 @@ class Run:
         """The backbone without its DDP wrapper."""
         return self.backbone.module
 
+    @property
+    def parts(self) -> TrainingParts:
+        """What a checkpoint saves and restores."""
+        return TrainingParts(
+            self.module, self.pfc, self.optimizer.shard, self.optimizer.backbone, self.scaler, self.cfg
+        )
 
-def build(cfg: Config, ctx: DistContext) -> Run:
+
+def build(cfg: Config, ctx: DistContext, first_epoch: int = 0) -> Run:
+    """Every training object of this rank; `first_epoch`: the data epoch a resumed run
+    starts in (the DALI reader is built for it)."""
     device = ctx.device
     amp_dtype = autocast_dtype(cfg, device)
     torch.manual_seed(cfg.run.seed)  # same backbone init on every rank (DDP also broadcasts)
@@ -151,7 +169,7 @@ def build(cfg: Config, ctx: DistContext) -> Run:
         manifest = open_dataset(cfg.data)  # every rank checks the dataset it will read
         cfg.data.num_classes = manifest.num_classes  # resolves null; config.yaml records it
         source = make_recordio_source(
-            cfg.data, manifest, ctx.rank, ctx.world_size, cfg.run.seed, device
+            cfg.data, manifest, ctx.rank, ctx.world_size, cfg.run.seed, device, first_epoch
         )
     else:
         source = SyntheticIdentities(
@@ -212,13 +230,13 @@ def forward_backward(run: Run, images: Tensor, labels: Tensor, loss_scale: float
     return loss.detach()
 
 
-def _batches(run: Run, epoch: int):
-    """This rank's batches of `epoch`, prefetched by `data.workers` processes (the RecordIO
-    loaders prefetch on their own)."""
+def _batches(run: Run, epoch: int, start: int = 0):
+    """This rank's batches `start..` of `epoch`, prefetched by `data.workers` processes (the
+    RecordIO loaders prefetch on their own)."""
     source, workers = run.source, run.cfg.data.workers
     if workers == 0 or not isinstance(source, SyntheticIdentities):
-        return source.epoch_batches(epoch)
-    steps = range(source.steps_per_epoch)
+        return source.epoch_batches(epoch, start)
+    steps = range(start, source.steps_per_epoch)
     return torch.utils.data.DataLoader(
         _EpochBatches(source, epoch), batch_size=None, sampler=steps, num_workers=workers,
         pin_memory=run.ctx.device.type == "cuda", prefetch_factor=4,
@@ -236,95 +254,183 @@ class _EpochBatches(torch.utils.data.Dataset):
         return self.source.batch(self.epoch, step)
 
 
-def train(run: Run) -> None:
+class Preempted(RuntimeError):
+    """SIGTERM/SIGUSR1 arrived; a checkpoint was written."""
+
+
+def _position(run: Run, state: TrainState) -> TrainState:
+    """`state` with an exhausted epoch rolled over to the start of the next one."""
+    if state.batch_in_epoch >= run.source.steps_per_epoch:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    return state
+
+
+def save_checkpoint(run: Run, state: TrainState, metrics) -> Path:
+    """Collective: write checkpoint `step-{state.step}` and time it."""
+    started = time.perf_counter()
+    root = checkpoint.checkpoints_root(run.cfg.run.output_dir)
+    inject = run.cfg.checkpoint.inject_kill_during_save == state.step
+    ckpt = checkpoint.save(
+        root, run.parts, _position(run, state), keep=run.cfg.checkpoint.keep, inject_kill=inject
+    )
+    seconds = time.perf_counter() - started
+    metrics.checkpoint_saved(seconds, state.step)
+    log.info("checkpoint %s written in %.2f s", ckpt, seconds)
+    return ckpt
+
+
+def train(
+    run: Run, state: TrainState | None = None,
+    on_step: Callable[[Run, TrainState], None] | None = None,
+) -> TrainState:
+    """Train from `state` (a fresh run: step 0) to `run.total_steps`; returns the final
+    state. Raises NonFiniteStop or Preempted (after writing a checkpoint). `on_step` is
+    called after every optimizer step, once its checkpoint (if any) is written."""
     cfg, pfc = run.cfg, run.pfc
+    state = state or TrainState()
     accum = cfg.optim.grad_accum_steps
     params = [p for p in run.backbone.parameters() if p.requires_grad]
     clip = cfg.optim.clip_grad_norm or math.inf
     inject = set(cfg.run.inject_nonfinite)
     samples_per_micro = cfg.data.batch_size * run.ctx.world_size
-    runlog = RunLog(cfg.run.output_dir, run.ctx.is_main, run.total_steps)
+    device = run.ctx.device
+    runlog = RunLog(cfg.run.output_dir, run.ctx.is_main, run.total_steps, state.step)
     meter = StepMeter()
     metrics = start_metrics(cfg, run.ctx)
     momentum = run.optimizer.shard.momentum_buffer  # None without momentum
     metrics.classifier(pfc.num_local, pfc.weight.nbytes + getattr(momentum, "nbytes", 0))
-    step, epoch, micro, in_a_row, nonfinite_total = 0, 0, 0, 0, 0
+    every = cfg.checkpoint.every
+    micro, saved_step = 0, state.step
     step_loss = None
     run.backbone.train()
     pfc.train()
     log.info(
-        "training %d steps: %d samples per step over %d ranks, %d classes (%d on this rank, "
-        "%d sampled per step)", run.total_steps, samples_per_micro * accum, run.ctx.world_size,
-        pfc.num_classes, pfc.num_local, pfc.num_sample,
+        "training steps %d..%d: %d samples per step over %d ranks, %d classes (%d on this "
+        "rank, %d sampled per step)", state.step + 1, run.total_steps, samples_per_micro * accum,
+        run.ctx.world_size, pfc.num_classes, pfc.num_local, pfc.num_sample,
     )
     try:
-        step_started = time.perf_counter()
-        while step < run.total_steps:
-            waited_since = time.perf_counter()
-            data_wait = 0.0
-            for images, labels in _batches(run, epoch):
-                data_wait += time.perf_counter() - waited_since
-                micro += 1
-                last = micro % accum == 0
-                loss = forward_backward(run, images, labels, 1.0 / accum, sync=last)
-                if step + 1 in inject:
-                    loss = loss * float("nan")
-                step_loss = loss / accum if step_loss is None else step_loss + loss / accum
-                if not last:
-                    waited_since = time.perf_counter()
-                    continue
-                if run.scaler is not None:
-                    run.scaler.unscale_(run.optimizer.backbone)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                check = step_loss if run.scaler is not None else step_loss + grad_norm
-                if bool(torch.isfinite(check)):  # the step's one host read
-                    run.optimizer.step(step, run.scaler)
-                    in_a_row = 0
-                else:
-                    in_a_row += 1
-                    nonfinite_total += 1
-                    metrics.nonfinite_step()
-                    log.warning(
-                        "step %d: non-finite loss or gradient (%d in a row, %d in total): "
-                        "update skipped", step + 1, in_a_row, nonfinite_total,
-                    )
-                    if in_a_row >= cfg.run.max_nonfinite:
-                        raise NonFiniteStop(
-                            f"{in_a_row} non-finite steps in a row (run.max_nonfinite="
-                            f"{cfg.run.max_nonfinite}) at step {step + 1}: lower optim.lr, "
-                            "check the data, or use backbone.precision=fp32"
-                        )
-                run.optimizer.zero_grad()
-                step += 1
-                meter.add(step_loss, grad_norm, samples_per_micro * accum, data_wait)
-                step_ended = time.perf_counter()
-                metrics.step_done(
-                    step, cfg.data.batch_size * accum, step_ended - step_started, data_wait
-                )
-                step_started = step_ended
-                step_loss, data_wait = None, 0.0
-                if step % cfg.run.log_every == 0 or step == run.total_steps:
-                    values, lr = meter.read(), run.optimizer.schedule(step - 1)  # the host sync
-                    scale = run.scaler.get_scale() if run.scaler is not None else 1.0
-                    metrics.log_point(values, lr, scale, pfc.last_sampled.numel(), run.ctx.device)
-                    per_rank = gather_per_rank(  # every rank is here: a tiny all-gather
-                        [values["samples_per_sec"] / run.ctx.world_size, values["data_wait_frac"]],
-                        run.ctx.device,
-                    )
-                    runlog.write(
-                        step, epoch, lr, values, nonfinite_total=nonfinite_total,
-                        samples_per_sec_per_rank=[r[0] for r in per_rank],
-                        data_wait_frac_per_rank=[r[1] for r in per_rank],
-                    )
-                if step >= run.total_steps:
-                    break
+        with Preemption() as preemption:
+            step_started = time.perf_counter()
+            while state.step < run.total_steps:
+                _position(run, state)
                 waited_since = time.perf_counter()
-            epoch += 1
+                data_wait = 0.0
+                for images, labels in _batches(run, state.epoch, state.batch_in_epoch):
+                    data_wait += time.perf_counter() - waited_since
+                    micro += 1
+                    state.batch_in_epoch += 1
+                    last = micro % accum == 0
+                    loss = forward_backward(run, images, labels, 1.0 / accum, sync=last)
+                    if state.step + 1 in inject:
+                        loss = loss * float("nan")
+                    step_loss = loss / accum if step_loss is None else step_loss + loss / accum
+                    if not last:
+                        waited_since = time.perf_counter()
+                        continue
+                    if run.scaler is not None:
+                        run.scaler.unscale_(run.optimizer.backbone)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                    check = step_loss if run.scaler is not None else step_loss + grad_norm
+                    # Any rank signalled? (MAX over ranks, read with the finiteness check:
+                    # still the step's one host read.)
+                    stop = torch.tensor(float(preemption.requested), device=device)
+                    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+                    finite, stop_now = torch.stack([torch.isfinite(check).float(), stop]).tolist()
+                    if finite:
+                        run.optimizer.step(state.step, run.scaler)
+                        state.nonfinite_in_a_row = 0
+                    else:
+                        state.nonfinite_in_a_row += 1
+                        state.nonfinite_total += 1
+                        metrics.nonfinite_step()
+                        log.warning(
+                            "step %d: non-finite loss or gradient (%d in a row, %d in total): "
+                            "update skipped", state.step + 1, state.nonfinite_in_a_row,
+                            state.nonfinite_total,
+                        )
+                        if state.nonfinite_in_a_row >= cfg.run.max_nonfinite:
+                            raise NonFiniteStop(
+                                f"{state.nonfinite_in_a_row} non-finite steps in a row "
+                                f"(run.max_nonfinite={cfg.run.max_nonfinite}) at step "
+                                f"{state.step + 1}: lower optim.lr, check the data, or use "
+                                "backbone.precision=fp32"
+                            )
+                    run.optimizer.zero_grad()
+                    state.step += 1
+                    step = state.step
+                    meter.add(step_loss, grad_norm, samples_per_micro * accum, data_wait)
+                    step_ended = time.perf_counter()
+                    metrics.step_done(
+                        step, cfg.data.batch_size * accum, step_ended - step_started, data_wait
+                    )
+                    step_started = step_ended
+                    step_loss, data_wait = None, 0.0
+                    if step % cfg.run.log_every == 0 or step == run.total_steps:
+                        _log_point(run, state, meter, metrics, runlog)
+                    if stop_now:
+                        log.warning("preemption signal (%s): checkpointing at step %d",
+                                    preemption.describe(), step)
+                        save_checkpoint(run, state, metrics)
+                        raise Preempted(f"checkpointed at step {step} after {preemption.describe()}")
+                    if every and step % every == 0 and step < run.total_steps:
+                        save_checkpoint(run, state, metrics)
+                        saved_step = step
+                    if on_step is not None:
+                        on_step(run, state)
+                    if step >= run.total_steps:
+                        break
+                    waited_since = time.perf_counter()
+            if saved_step != state.step:
+                save_checkpoint(run, state, metrics)
     finally:
         runlog.close()
         metrics.close()
-    log.info("finished %d steps (%d skipped as non-finite); %s", step, nonfinite_total,
-             memory_summary(run.ctx.device))
+    log.info("finished %d steps (%d skipped as non-finite); %s", state.step,
+             state.nonfinite_total, memory_summary(run.ctx.device))
+    return state
+
+
+def _log_point(run: Run, state: TrainState, meter: StepMeter, metrics, runlog: RunLog) -> None:
+    values, lr = meter.read(), run.optimizer.schedule(state.step - 1)  # the host sync
+    scale = run.scaler.get_scale() if run.scaler is not None else 1.0
+    metrics.log_point(values, lr, scale, run.pfc.last_sampled.numel(), run.ctx.device)
+    per_rank = gather_per_rank(  # every rank is here: a tiny all-gather
+        [values["samples_per_sec"] / run.ctx.world_size, values["data_wait_frac"]],
+        run.ctx.device,
+    )
+    runlog.write(
+        state.step, state.epoch, lr, values, nonfinite_total=state.nonfinite_total,
+        samples_per_sec_per_rank=[r[0] for r in per_rank],
+        data_wait_frac_per_rank=[r[1] for r in per_rank],
+    )
+
+
+def resume_point(cfg: Config, ctx: DistContext) -> Path | None:
+    """The checkpoint this run starts from (collective: rank 0 first removes interrupted
+    saves). The run's own `latest` always wins, so a requeued or restarted job continues
+    where it stopped; `checkpoint.resume=PATH` only seeds a run that has none yet."""
+    root = checkpoint.checkpoints_root(cfg.run.output_dir)
+    if ctx.is_main:
+        checkpoint.remove_incomplete(root)
+    dist.barrier()
+    own = checkpoint.find_latest(root)
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        if own is not None:
+            raise ConfigError(
+                f"checkpoint.resume: never, but {root} holds checkpoints (latest {own.name}); "
+                "use another run.output_dir or delete them"
+            )
+        return None
+    if own is not None:
+        if mode != "auto":
+            log.info("%s has checkpoints: resuming from %s (checkpoint.resume=%s ignored)",
+                     cfg.run.output_dir, own, mode)
+        return own
+    if mode == "auto":
+        return None
+    return checkpoint.resolve(mode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,19 +445,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         setup_logging(cfg.run.output_dir, ctx.rank)
         try:
-            run = build(cfg, ctx)
+            start = resume_point(cfg, ctx)
+            first_epoch = 0
+            if start is not None:
+                first_epoch = checkpoint.read_index(start)["train_state"]["epoch"]
+            run = build(cfg, ctx, first_epoch)
+            state = TrainState()
+            if start is not None:
+                state = checkpoint.load(start, run.parts, verify=cfg.checkpoint.verify, config=cfg)
+                log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch",
+                         start, state.step, state.epoch, state.batch_in_epoch)
         except ConfigError as exc:
             if ctx.is_main:
                 print(f"arcshard: config error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        except CheckpointError as exc:
+            log.error("cannot resume: %s", exc)
+            if ctx.is_main:
+                print(f"arcshard: checkpoint error: {exc}", file=sys.stderr)
+            return EXIT_CHECKPOINT
         if ctx.is_main:
             save_config(cfg, Path(cfg.run.output_dir) / "config.yaml")
             log.info("output in %s; resolved config in config.yaml", cfg.run.output_dir)
+        if state.step >= run.total_steps:
+            log.info("nothing to do: the checkpoint is at step %d of %d", state.step, run.total_steps)
         try:
-            train(run)
+            train(run, state)
         except NonFiniteStop as exc:
             log.error("stopping: %s", exc)
             return EXIT_NONFINITE
+        except Preempted as exc:
+            log.warning("preempted: %s; exit %d (rerun the same command to resume)", exc, EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
         if ctx.is_main:
             out = Path(cfg.run.output_dir) / "backbone.pt"
             tmp = out.with_name(out.name + ".tmp")

@@ -22,7 +22,12 @@ ranks drift apart (a mismatch deadlocks the collectives).
 The reader shuffles within a buffer of `initial_fill` records (DALI's
 `random_shuffle`); the datasets are globally shuffled when written, so that is enough.
 Its stream is seeded by `seed + rank`; DALI's state cannot be rewound, so epochs must
-be read in order (`epoch_batches` refuses anything else).
+be read in order (`epoch_batches` refuses anything else). A run resumed from a checkpoint
+taken in epoch `e` builds the reader with `first_epoch=e`: it starts on part
+`(rank + e) % W` with the seed `seed + rank + e * W` and skips the batches already
+consumed, so the resumed run reads the right part and the right number of batches, but
+not the same order within the shuffle buffer as an uninterrupted run (the PyTorch
+loader and the synthetic source resume exactly).
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class DaliRecordIO:
         shuffle: bool = True,
         flip: bool = True,
         dataset: str = "",
+        first_epoch: int = 0,
     ) -> None:
         self.dataset = dataset or str(Path(rec_paths[0]).parent)
         steps = num_images // (batch_size * world_size)
@@ -101,11 +107,12 @@ class DaliRecordIO:
             combined_index(rec_paths, idx_paths, index)
             pipe = _pipeline(
                 rec_paths=[str(p) for p in rec_paths], index_path=str(index),
-                shard_id=rank, num_shards=world_size, shuffle=shuffle, flip=flip,
+                shard_id=(rank + first_epoch) % world_size, num_shards=world_size,
+                shuffle=shuffle, flip=flip,
                 decode_device="mixed" if gpu else "cpu",
                 batch_size=batch_size, num_threads=threads,
                 device_id=(torch.cuda.current_device() if device.index is None else device.index)
-                if gpu else None, seed=seed + rank,
+                if gpu else None, seed=seed + rank + first_epoch * world_size,
                 prefetch_queue_depth=2,
             )
             pipe.build()  # reads the index
@@ -113,7 +120,7 @@ class DaliRecordIO:
             [pipe], ["images", "labels"], reader_name=_READER,
             last_batch_policy=LastBatchPolicy.DROP, auto_reset=True,
         )
-        self._next_epoch = 0
+        self._next_epoch = first_epoch
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield this rank's batches `start_step .. steps_per_epoch - 1` of `epoch`.

@@ -57,6 +57,7 @@ def dali_available() -> bool:
 
 def make_recordio_source(
     data: DataConfig, manifest: Manifest, rank: int, world_size: int, seed: int, device: torch.device,
+    first_epoch: int = 0,
 ):
     """This rank's loader of the dataset at `data.path` (see the module docstring)."""
     loader = data.loader
@@ -83,6 +84,7 @@ def make_recordio_source(
         return DaliRecordIO(
             recs, idxs, manifest.num_images, manifest.num_classes, data.batch_size, rank,
             world_size, seed, device, threads=max(1, data.workers), dataset=str(directory),
+            first_epoch=first_epoch,
         )
     return TorchRecordIO(
         recs, idxs, manifest.num_classes, data.batch_size, rank, world_size, seed,
