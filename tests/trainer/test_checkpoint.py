@@ -295,3 +295,27 @@ def test_shape_changing_config_is_refused_and_others_logged(tmp_path, caplog):
                         ["data.num_classes=1003", "backbone.embedding_size=16", "backbone.name=iresnet18"])
     with pytest.raises(CheckpointError, match=r"backbone.name: 'mobilefacenet' -> 'iresnet18'"):
         checkpoint.load(ckpt, _pfc_parts(), config=other)
+
+
+# --------------------------------------------------------------------------- arcshard-ckpt
+
+
+def test_ckpt_cli_info_verify_and_export(saved_at_world_2, tmp_path, capsys):
+    from trainer.checkpoint_cli import main
+
+    ckpt = _copy_ckpt(saved_at_world_2, tmp_path)
+    assert main(["info", str(tmp_path)]) == 0  # a run dir: follows checkpoints/latest
+    out = capsys.readouterr().out
+    assert "step            3" in out and "saved by        2 ranks" in out
+    assert "1003 classes x 16" in out and "integrity       ok" in out
+    assert main(["export-backbone", str(ckpt), str(tmp_path / "bb.pt")]) == 0
+    exported = torch.load(tmp_path / "bb.pt", weights_only=True)
+    assert set(exported) == {"weight", "bias"} and exported["weight"].shape == (2, 2)
+    momentum = ckpt / "classifier" / "momentum.0000000000-0000000502.bin"
+    momentum.write_bytes(momentum.read_bytes()[:-4])
+    assert main(["info", str(ckpt)]) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+    assert main(["verify", str(ckpt)]) == 1
+    assert "momentum.0000000000-0000000502.bin" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err

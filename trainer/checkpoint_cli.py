@@ -1,0 +1,158 @@
+"""`arcshard-ckpt`: look into checkpoints and take the backbone out of one.
+
+    arcshard-ckpt info PATH                    step, world size, classes, sizes, integrity
+    arcshard-ckpt verify PATH                  check every file's checksum (exit 1 if damaged)
+    arcshard-ckpt export-backbone PATH OUT.pt  backbone weights only (a state_dict)
+
+PATH is a run output dir (its `checkpoints/latest`), a `checkpoints` dir or one
+`step-N` directory. Re-sharding needs no command: a checkpoint saved at any world size
+loads at any other (trainer/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import (
+    BEST, LATEST, CheckpointError, complete_checkpoints, read_index, read_replicated, resolve,
+    verify_all,
+)
+
+EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def info(path: Path, check: bool, as_json: bool) -> int:
+    ckpt = resolve(path)
+    index = read_index(ckpt)
+    files = index["files"]
+    total = sum(e["bytes"] for e in files.values())
+    classifier = sum(e["bytes"] for rel, e in files.items() if rel.startswith("classifier/"))
+    problems = verify_all(ckpt) if check else None
+    root = ckpt.parent
+    facts = {
+        "checkpoint": str(ckpt),
+        "step": index["step"],
+        "train_state": index.get("train_state"),
+        "world_size": index["world_size"],
+        "num_classes": index["num_classes"],
+        "embedding_size": index["embedding_size"],
+        "classifier_dtype": index["classifier_dtype"],
+        "backbone": index["backbone"],
+        "created": index["created"],
+        "files": len(files),
+        "bytes": total,
+        "classifier_bytes": classifier,
+        "momentum": bool(index["classifier"]["momentum"]),
+        "latest": (root / LATEST).read_text().strip() if (root / LATEST).exists() else None,
+        "best": (root / BEST).read_text().strip() if (root / BEST).exists() else None,
+        "others": [p.name for p in complete_checkpoints(root) if p != ckpt],
+        "integrity": None if problems is None else ("ok" if not problems else problems),
+    }
+    if as_json:
+        print(json.dumps(facts, indent=1))
+    else:
+        state = facts["train_state"] or {}
+        print(f"checkpoint      {ckpt}")
+        print(f"step            {index['step']} (epoch {state.get('epoch', '?')}, batch "
+              f"{state.get('batch_in_epoch', '?')} of it)")
+        print(f"saved by        {index['world_size']} ranks, {index['created']}")
+        print(f"model           {index['backbone']}, {index['num_classes']} classes x "
+              f"{index['embedding_size']} ({index['classifier_dtype']}"
+              f"{', with momentum' if facts['momentum'] else ''})")
+        print(f"size            {_size(total)} in {len(files)} files "
+              f"(classifier {_size(classifier)})")
+        print(f"pointers        latest -> {facts['latest']}, best -> {facts['best']}")
+        if facts["others"]:
+            print(f"also complete   {', '.join(facts['others'])}")
+        if problems is None:
+            print("integrity       not checked (--no-verify)")
+        elif not problems:
+            print("integrity       ok (every file's size and sha256 match index.json)")
+        else:
+            print("integrity       DAMAGED:")
+            for p in problems:
+                print(f"  {p}")
+    return EXIT_DAMAGED if problems else EXIT_OK
+
+
+def export_backbone(path: Path, out: Path) -> int:
+    ckpt = resolve(path)
+    index = read_index(ckpt)
+    state = read_replicated(ckpt, index)["backbone"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    params = sum(t.numel() for t in state.values() if t.is_floating_point())
+    print(f"wrote {out}: {index['backbone']} backbone of step {index['step']} "
+          f"({len(state)} tensors, {params / 1e6:.2f} M values), embedding size "
+          f"{index['embedding_size']}; load with get_backbone(name).load_state_dict(torch.load(...))")
+    return EXIT_OK
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="arcshard-ckpt",
+        description=__doc__.split("\n\n")[0],
+        epilog="PATH: a run output dir (uses checkpoints/latest), a checkpoints dir, or a "
+        "step-N checkpoint dir. Exit codes: 0 ok, 1 damaged checkpoint, 2 bad arguments or "
+        "unreadable checkpoint.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="step, world size, classes, sizes and integrity")
+    p.add_argument("path", type=Path, metavar="PATH")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksums (fast)")
+    p.add_argument("--json", action="store_true", help="print the facts as JSON")
+    p = sub.add_parser("verify", help="check every file's size and sha256 (exit 1 if damaged)")
+    p.add_argument("path", type=Path, metavar="PATH")
+    p = sub.add_parser(
+        "export-backbone", help="write the backbone's weights (a state_dict) for deployment"
+    )
+    p.add_argument("path", type=Path, metavar="PATH")
+    p.add_argument("out", type=Path, metavar="OUT.pt")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "info":
+            return info(args.path, check=not args.no_verify, as_json=args.json)
+        if args.command == "verify":
+            problems = verify_all(resolve(args.path))
+            for p in problems:
+                print(p, file=sys.stderr)
+            if not problems:
+                print(f"{resolve(args.path)}: ok")
+            return EXIT_DAMAGED if problems else EXIT_OK
+        return export_backbone(args.path, args.out)
+    except CheckpointError as e:
+        print(f"arcshard-ckpt: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"arcshard-ckpt: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
