@@ -132,6 +132,12 @@ class RunLog:
             100 * values["data_wait_frac"], _duration(eta),
         )
 
+    def record(self, record: dict) -> None:
+        """Append one JSON object (e.g. evaluation results) to metrics.jsonl (rank 0)."""
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

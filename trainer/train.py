@@ -59,6 +59,7 @@ from trainer.preemption import EXIT_PREEMPTED, Preemption
 
 if TYPE_CHECKING:
     from trainer.data.dali import DaliRecordIO  # imports nvidia.dali, an optional extra
+    from trainer.evaluation.verification import VerificationSet
 
 log = logging.getLogger("trainer.train")
 
@@ -113,7 +114,6 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 def check_supported(cfg: Config) -> None:
     """Refuse settings this version cannot honour yet, instead of ignoring them."""
     unsupported = {
-        "eval.targets": (bool(cfg.eval.targets), "verification during training is not available yet"),
         "partial_fc.storage": (cfg.partial_fc.storage != "fp32", "16-bit storage is not available yet"),
         "partial_fc.offload": (cfg.partial_fc.offload != "none", "host offload is not available yet"),
     }
@@ -145,6 +145,7 @@ class Run:
     amp_dtype: torch.dtype | None
     source: SyntheticIdentities | TorchRecordIO | DaliRecordIO
     total_steps: int
+    eval_sets: list[VerificationSet]
 
     @property
     def module(self) -> nn.Module:
@@ -211,7 +212,29 @@ def build(cfg: Config, ctx: DistContext, first_epoch: int = 0) -> Run:
         LRSchedule(o.lr, total_steps, o.warmup_steps, o.schedule, o.power, o.min_lr),
     )
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    return Run(cfg, ctx, ddp, pfc, optimizer, scaler, amp_dtype, source, total_steps)
+    eval_sets = load_eval_sets(cfg)
+    return Run(cfg, ctx, ddp, pfc, optimizer, scaler, amp_dtype, source, total_steps, eval_sets)
+
+
+def load_eval_sets(cfg: Config) -> list[VerificationSet]:
+    """The `eval.targets` verification sets, decoded once (a bad file is a ConfigError)."""
+    if not cfg.eval.targets:
+        return []
+    from trainer.evaluation.verification import load_bin
+
+    sets = []
+    for i, path in enumerate(cfg.eval.targets):
+        try:
+            sets.append(load_bin(path, cfg.data.image_size))
+        except (ValueError, TypeError, OSError) as e:
+            raise ConfigError(f"eval.targets[{i}]: {e}") from None
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"eval.targets: the file names must differ (they name the results), got {names}")
+    best = cfg.eval.best_target
+    if best is not None and best not in names and Path(best).stem not in names:
+        raise ConfigError(f"eval.best_target: {best!r} is none of the targets ({', '.join(names)})")
+    return sets
 
 
 def forward_backward(run: Run, images: Tensor, labels: Tensor, loss_scale: float, sync: bool) -> Tensor:
@@ -263,6 +286,30 @@ def _position(run: Run, state: TrainState) -> TrainState:
     if state.batch_in_epoch >= run.source.steps_per_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     return state
+
+
+def evaluate(run: Run, state: TrainState, metrics, runlog: RunLog) -> bool:
+    """Collective: verification accuracy on every `eval.targets` set; logs and records it,
+    and returns whether the `eval.best_target` accuracy is a new best (kept in state.best)."""
+    from trainer.evaluation.verification import evaluate_targets
+
+    cfg = run.cfg
+    started = time.perf_counter()
+    results = evaluate_targets(
+        run.module, run.eval_sets, run.ctx.device, cfg.eval.batch_size, cfg.eval.flip
+    )
+    seconds = time.perf_counter() - started
+    for result in results.values():
+        log.info("step %d verification %s", state.step, result.summary())
+        metrics.verification(result.name, result.accuracy)
+    runlog.record({"step": state.step, "eval": {k: r.as_dict() for k, r in results.items()},
+                   "eval_seconds": seconds})
+    target = Path(cfg.eval.best_target).stem if cfg.eval.best_target else run.eval_sets[0].name
+    accuracy = results[target].accuracy
+    if accuracy > state.best.get("accuracy", -1.0):
+        state.best = {"target": target, "accuracy": accuracy, "step": state.step}
+        return True
+    return False
 
 
 def save_checkpoint(run: Run, state: TrainState, metrics) -> Path:
@@ -373,9 +420,17 @@ def train(
                                     preemption.describe(), step)
                         save_checkpoint(run, state, metrics)
                         raise Preempted(f"checkpointed at step {step} after {preemption.describe()}")
-                    if every and step % every == 0 and step < run.total_steps:
-                        save_checkpoint(run, state, metrics)
+                    eval_due = run.eval_sets and (
+                        step == run.total_steps or (cfg.eval.every and step % cfg.eval.every == 0)
+                    )
+                    new_best = eval_due and evaluate(run, state, metrics, runlog)
+                    if new_best or (every and step % every == 0) or step == run.total_steps:
+                        ckpt = save_checkpoint(run, state, metrics)
                         saved_step = step
+                        if new_best and run.ctx.is_main:
+                            checkpoint.mark_best(ckpt.parent, ckpt)
+                            log.info("new best %s accuracy %.4f: %s", state.best["target"],
+                                     state.best["accuracy"], ckpt.name)
                     if on_step is not None:
                         on_step(run, state)
                     if step >= run.total_steps:
