@@ -35,6 +35,16 @@ decimal number below 0xFFFFFFFA. The names some tools print for special steps
 srun task". A batch script that runs the trainer without srun gets a warning and a
 single process.
 
+Failed collectives: `init_distributed()` also installs a `sys.excepthook` that turns an
+uncaught error from a collective (a timeout after `timeout_s`, or a peer that went
+away) into one line naming this rank, the collective and the code that called it,
+logged and printed before the usual traceback (`describe_collective_failure`). Gloo's
+own message names neither ("Timed out waiting 1800000ms for recv operation to
+complete"). With NCCL and TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (the launch scripts' default)
+the watchdog thread aborts the process instead of raising; its log line
+("[Rank R] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=.., OpType=..)")
+already names both.
+
 The step-scoped variables (`SLURM_STEP_NUM_TASKS`, `SLURM_STEP_NODELIST`,
 `SLURM_STEP_TASKS_PER_NODE`) are preferred over the job-scoped ones because a step may
 use a subset of the allocation (`sbatch -N 4` then `srun -N 2 ...`), and `srun
@@ -48,7 +58,11 @@ import logging
 import os
 import re
 import socket
+import sys
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
 from typing import Literal, Mapping
 
 import torch
@@ -386,7 +400,97 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800) -> DistCont
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    global _joined
+    _joined = (env, timeout_s)
+    if sys.excepthook is not _report_collective_failure:
+        global _previous_excepthook
+        _previous_excepthook = sys.excepthook
+        sys.excepthook = _report_collective_failure
     return DistContext(env=env, device=device, backend=chosen)
+
+
+# Set by init_distributed (and kept after shutdown: a failure is reported after the
+# `finally: shutdown()` of the caller has run).
+_joined: tuple[DistEnv, float] | None = None
+_previous_excepthook = sys.excepthook
+_TIMEOUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
+_C10D_FILE = os.path.join("torch", "distributed", "distributed_c10d.py")
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
+
+
+def describe_collective_failure(exc: BaseException) -> str | None:
+    """One line naming this rank, the collective and its caller for an error raised by
+    a collective (or by waiting on one), or None for any other exception.
+
+    Recognised: a `RuntimeError`/`TimeoutError` (torch's `DistBackendError` is one)
+    raised inside `torch.distributed.distributed_c10d` (the innermost such function is
+    the collective), or whose message says it timed out (an async collective's
+    `wait()`). Looks through `__cause__`/`__context__` chains.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        message = _describe_one(exc)
+        if message is not None:
+            return message
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _describe_one(exc: BaseException) -> str | None:
+    if not isinstance(exc, (RuntimeError, TimeoutError)):
+        return None
+    frames = traceback.extract_tb(exc.__traceback__)
+    c10d = [i for i, f in enumerate(frames) if f.filename.endswith(_C10D_FILE)]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    timed_out = _TIMEOUT.search(text) is not None
+    if not c10d and not timed_out:
+        return None
+    upto = c10d[-1] if c10d else len(frames)
+    callers = [f for f in frames[:upto] if not os.path.abspath(f.filename).startswith(_TORCH_DIR)]
+    collective = f"collective {frames[c10d[-1]].name}" if c10d else "a collective"
+    where = f", called from {_short(callers[-1].filename)}:{callers[-1].lineno} ({callers[-1].name})" if callers else ""
+    if _joined is None:
+        who = f"rank {os.environ.get('RANK', '?')}"
+        limit = "the process group's timeout"
+    else:
+        env, timeout_s = _joined
+        who = f"rank {env.rank}/{env.world_size} (local rank {env.local_rank} on {socket.gethostname()})"
+        limit = f"{timeout_s:g} s (dist.timeout_s)"
+    if timed_out:
+        return (
+            f"{who}: {collective} timed out after {limit}{where}. Another rank did not join "
+            f"it: it failed (its log has the first error), is stuck (data, I/O), or runs a "
+            f"different number of steps. [{text}]"
+        )
+    return (
+        f"{who}: {collective} failed{where}: another rank probably exited or lost its "
+        f"connection; its log has the first error. [{text}]"
+    )
+
+
+def _short(filename: str) -> str:
+    try:
+        return os.path.relpath(filename)
+    except ValueError:  # another drive (Windows)
+        return filename
+
+
+def _report_collective_failure(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    """sys.excepthook: name the rank and collective of a failed collective, then the
+    usual traceback."""
+    try:
+        message = describe_collective_failure(exc)
+        if message is not None:
+            handlers = logging.getLogger().handlers
+            if handlers:  # the rank's log file (trainer.metrics.setup_logging)
+                log.error("%s", message)
+            if not any(getattr(h, "stream", None) is sys.stderr for h in handlers):
+                print(f"arcshard: {message}", file=sys.stderr, flush=True)
+    finally:
+        _previous_excepthook(exc_type, exc, tb)
 
 
 def shutdown() -> None:

@@ -383,3 +383,60 @@ def test_single_process_still_gets_a_group(worker):
     assert (row["rank"], row["world"], row["group_world"], row["launcher"], row["sum"]) == (
         0, 1, 1, "single", 1.0,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- failed collectives
+
+# Rank 1 never joins the all_reduce; rank 0's times out after 3 s. Nothing catches the
+# error: the report comes from the excepthook init_distributed installs.
+TIMEOUT_WORKER = """
+import os, time
+import torch, torch.distributed as dist
+from trainer.dist import init_distributed, shutdown
+
+ctx = init_distributed(timeout_s=3)
+try:
+    if ctx.rank == 0:
+        dist.all_reduce(torch.ones(2))  # line 9
+    else:
+        time.sleep(6)
+finally:
+    shutdown()
+"""
+
+
+def test_collective_timeout_names_rank_and_collective(tmp_path):
+    worker = tmp_path / "timeout_worker.py"
+    worker.write_text(TIMEOUT_WORKER)
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = _clean_env()
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(worker)], env=env, cwd=tmp_path,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert procs[0].returncode == 1 and procs[1].returncode == 0, results
+    err = results[0][1]
+    line = next(l for l in err.splitlines() if l.startswith("arcshard: "))
+    assert line.startswith("arcshard: rank 0/2 (local rank 0 on "), line
+    assert "collective all_reduce timed out after 3 s (dist.timeout_s)" in line
+    assert "called from timeout_worker.py:9 (<module>)" in line
+    assert "Traceback" in err  # the usual traceback follows
+
+
+def test_other_errors_are_not_reported_as_collective_failures():
+    from trainer.dist import describe_collective_failure
+
+    assert describe_collective_failure(ValueError("bad value")) is None
+    assert describe_collective_failure(RuntimeError("CUDA out of memory")) is None
+    try:
+        raise RuntimeError("wrapper") from TimeoutError("Timed out waiting 5000ms for recv")
+    except RuntimeError as exc:
+        assert "a collective timed out after" in describe_collective_failure(exc)

@@ -1,0 +1,107 @@
+"""torchrun for one node, with the signal handling and exit code that requeueing needs.
+
+    python launch/node_launcher.py [torchrun options] trainer/train.py [trainer args]
+
+Takes torchrun's options (`--nnodes`, `--nproc_per_node`, `--rdzv_backend c10d`,
+`--rdzv_endpoint`, ...) and runs torchrun's own code for the rendezvous, the workers
+and their monitoring (`torch.distributed.run`). `launch/train.sh` and
+`launch/slurm/train.sbatch` start one per node. It differs from `torchrun` in two ways:
+
+* **SIGUSR1 and SIGTERM are forwarded to the worker processes, and the launcher keeps
+  waiting for them.** Plain torchrun dies on SIGUSR1 (the default action; under SLURM
+  that ends the job step, which kills the workers in the middle of their checkpoint),
+  and on SIGTERM it kills the workers after `--shutdown-timeout` (30 s), which can cut
+  the checkpoint of a large model short. SIGINT, SIGHUP and SIGQUIT keep torchrun's
+  behaviour. SLURM signals every process of a job step, so a worker may see the signal
+  twice (once from SLURM, once from here); the trainer treats repeats as one.
+* **Exit code 75 when the workers stopped because of such a signal**: a worker exited
+  with 75 (the trainer's EXIT_PREEMPTED: checkpoint written, "requeue me") or was
+  killed by the signal this launcher forwarded (it arrived before the trainer installed
+  its handler; the newest checkpoint is still `latest`), and the others did the same
+  or were stopped by torchrun afterwards (SIGTERM, then SIGKILL).
+  0 when every worker succeeded, otherwise 1 like torchrun.
+
+Keep `--max_restarts 0` for preemptible jobs: torchrun would otherwise restart workers
+that exit 75, and the restarted group would run on until the scheduler kills it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
+EXIT_PREEMPTED = 75  # trainer.preemption.EXIT_PREEMPTED (not imported: no trainer on the path)
+FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
+
+_received: list[int] = []
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs of the direct children of `pid` (torchrun's workers), from /proc."""
+    children = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may contain spaces and parentheses
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def _forward(signum: int, frame) -> None:  # noqa: ARG001
+    _received.append(signum)
+    for pid in _children(os.getpid()):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def preempted(exit_codes: list[int], received: list[int]) -> bool:
+    """Whether failed workers with these exit codes stopped for a preemption signal.
+
+    At least one exited 75 or was killed by a signal this launcher received (and
+    forwarded); the others did the same or were stopped by torchrun after the first
+    failure (SIGTERM, SIGKILL after its shutdown timeout), which it reports as failures
+    too."""
+    by_signal = {EXIT_PREEMPTED} | {-sig for sig in received}
+    stopped_by_torchrun = {-signal.SIGTERM, -signal.SIGKILL}
+    return bool(by_signal & set(exit_codes)) and set(exit_codes) <= by_signal | stopped_by_torchrun
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    handled = [s.strip() for s in args.signals_to_handle.split(",")]
+    args.signals_to_handle = ",".join(
+        s for s in handled if s and s not in {sig.name for sig in FORWARDED}
+    )
+    for sig in FORWARDED:
+        signal.signal(sig, _forward)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = [failure.exitcode for failure in exc.failures.values()]
+        print(exc.format_msg(), file=sys.stderr)
+        if preempted(codes, _received):
+            names = ", ".join(sorted({signal.Signals(s).name for s in _received})) or "a signal"
+            print(
+                f"node_launcher: workers stopped after {names} (exit codes {sorted(set(codes))}): "
+                f"exit {EXIT_PREEMPTED}, rerun to resume from the checkpoint",
+                file=sys.stderr,
+            )
+            return EXIT_PREEMPTED
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
