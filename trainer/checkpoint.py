@@ -659,8 +659,9 @@ def _load_local(
     try:
         parts.module.load_state_dict(replicated["backbone"])
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{ckpt / REPLICATED}: backbone does not match this model: {first}") from None
+        raise CheckpointError(
+            f"{ckpt / REPLICATED}: backbone does not match this model: {_state_dict_problem(e)}"
+        ) from None
     if parts.backbone_optimizer is not None and replicated["backbone_optimizer"] is not None:
         parts.backbone_optimizer.load_state_dict(replicated["backbone_optimizer"])
     if parts.scaler is not None and replicated["scaler"] is not None:
@@ -687,6 +688,14 @@ def _load_local(
     return state
 
 
+def _state_dict_problem(error: Exception) -> str:
+    """The informative line of a load_state_dict error (the first size mismatch or missing
+    key), not its generic first line."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    detail = [line for line in lines[1:] if line.startswith(("size mismatch", "Missing", "Unexpected"))]
+    return (detail or lines or [type(error).__name__])[0][:300]
+
+
 def load_backbone(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu", verify: bool = True
 ) -> tuple[nn.Module, Config]:
@@ -709,8 +718,10 @@ def load_backbone(
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{ckpt / REPLICATED}: does not fit {cfg.backbone.name}: {first}") from None
+        raise CheckpointError(
+            f"{ckpt / REPLICATED}: does not fit {cfg.backbone.name} with embedding size "
+            f"{cfg.backbone.embedding_size} (its config.yaml): {_state_dict_problem(e)}"
+        ) from None
     return module.to(map_location).eval(), cfg
 
 
@@ -726,8 +737,11 @@ def _load_final_backbone(run_dir: Path, map_location: str | torch.device) -> tup
         state = torch.load(run_dir / "backbone.pt", map_location="cpu", weights_only=True)
         module.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 - unreadable or mismatched weights
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{run_dir / 'backbone.pt'}: cannot be loaded: {first}") from None
+        raise CheckpointError(
+            f"{run_dir / 'backbone.pt'}: cannot be loaded as {cfg.backbone.name} with embedding "
+            f"size {cfg.backbone.embedding_size} ({run_dir / 'config.yaml'}): "
+            f"{_state_dict_problem(e)}; the weights and config.yaml must come from the same run"
+        ) from None
     return module.to(map_location).eval(), cfg
 
 

@@ -4,8 +4,9 @@ Reads `RUN_DIR/metrics.jsonl` (rank 0 writes one JSON object per logged step, se
 trainer/metrics.py) and draws five panels against the step: loss, learning rate,
 samples/s per rank, data-wait % per rank and verification accuracy per target. Records
 without the per-rank lists (`samples_per_sec_per_rank`, `data_wait_frac_per_rank`) are
-drawn as one "all ranks" line; verification accuracy comes from a record's
-`verification` object (`{"lfw": 0.995, ...}`) and its panel says so when there is none.
+drawn as one "all ranks" line; verification accuracy comes from the evaluation records
+the trainer appends (`{"step": s, "eval": {"lfw": {"accuracy": 0.995, ...}, ...}}`, or a
+plain `verification` object `{"lfw": 0.995, ...}`) and its panel says so when there is none.
 
 When a step is logged again (a run restarted or resumed into the same directory appends
 to the file), the records of the earlier attempt from that step on are dropped, so the
@@ -56,7 +57,10 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             raise ReportError(f"{path}: line {number} is not JSON ({exc.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise ReportError(f"{path}: line {number} has no integer 'step'")
-        records = [r for r in records if r["step"] < record["step"]]  # a repeat restarts
+        # A repeated step restarts the records of its kind (evaluation records share their
+        # step with the step record logged just before them).
+        kind = "eval" in record
+        records = [r for r in records if ("eval" in r) != kind or r["step"] < record["step"]]
         records.append(record)
     if not records:
         raise ReportError(
@@ -78,10 +82,17 @@ def _per_rank(records: list[dict[str, Any]], key: str, fallback: str) -> dict[st
     return lines
 
 
+def _step_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-step records (not the evaluation ones)."""
+    return [r for r in records if "eval" not in r]
+
+
 def _verification(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in records:
-        for target, accuracy in (r.get("verification") or {}).items():
+        accuracies = dict(r.get("verification") or {})
+        accuracies.update({name: res["accuracy"] for name, res in (r.get("eval") or {}).items()})
+        for target, accuracy in accuracies.items():
             lines.setdefault(target, []).append((r["step"], accuracy))
     return lines
 
@@ -93,6 +104,7 @@ def _mean(values: list[float]) -> float:
 
 def summary(records: list[dict[str, Any]], path: Path) -> str:
     """A few lines: span, loss, learning rate, throughput, data wait, non-finite, accuracy."""
+    evals, records = records, _step_records(records) or records
     first, last = records[0], records[-1]
     out = [f"{path}: {len(records)} records, steps {first['step']}..{last['step']}"
            + (f", {last['time']:.0f} s" if "time" in last else "")]
@@ -112,7 +124,7 @@ def summary(records: list[dict[str, Any]], path: Path) -> str:
                           for label, pts in lines.items())
         out.append(f"{title} mean {means}")
     out.append(f"non-finite    {last.get('nonfinite_total', 0)} steps skipped")
-    accuracy = _verification(records)
+    accuracy = _verification(evals)
     out.append("verification  " + (", ".join(
         f"{t} {pts[-1][1]:.4f} (best {max(v for _, v in pts):.4f})" for t, pts in accuracy.items()
     ) or "none logged"))
@@ -131,13 +143,14 @@ def plot(records: list[dict[str, Any]], title: str):
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     axes = fig.subplots(len(PANELS), 1, sharex=True)
     fig.suptitle(title)
+    evals, records = records, _step_records(records)
     panels = [  # {line label ('' for a single line): [(step, value), ...]}
         {"": [(r["step"], r.get("loss", math.nan)) for r in records]},
         {"": [(r["step"], r.get("lr", math.nan)) for r in records]},
         _per_rank(records, "samples_per_sec_per_rank", "samples_per_sec"),
         {label: [(step, 100 * v) for step, v in pts] for label, pts in
          _per_rank(records, "data_wait_frac_per_rank", "data_wait_frac").items()},
-        _verification(records),
+        _verification(evals),
     ]
     for ax, name, lines in zip(axes, PANELS, panels):
         ax.set_title(name, loc="left", fontsize=10)

@@ -93,3 +93,24 @@ def test_records_of_restarted_runs_and_bad_lines(tmp_path):
     path.write_text('{"loss": 2}\n')
     with pytest.raises(ReportError, match="line 1 has no integer 'step'"):
         read_records(path)
+
+
+def test_evaluation_records_from_the_trainer(tmp_path):
+    """The trainer appends {"step", "eval": {...}} after the step record of that step:
+    both are kept, and the accuracy panel reads them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"step": 2, "loss": 5.0, "lr": 0.1, "samples_per_sec": 10.0, "data_wait_frac": 0.0},
+        {"step": 2, "eval": {"lfw": {"accuracy": 0.7, "num_pairs": 20}}},
+        {"step": 4, "loss": 4.0, "lr": 0.1, "samples_per_sec": 10.0, "data_wait_frac": 0.0},
+        {"step": 4, "eval": {"lfw": {"accuracy": 0.8, "num_pairs": 20}}},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from trainer.report import read_records, summary
+
+    records = read_records(run / "metrics.jsonl")
+    assert len(records) == 4
+    text = summary(records, run / "metrics.jsonl")
+    assert "loss          5 -> 4" in text and "steps 2..4" in text
+    assert "verification  lfw 0.8000 (best 0.8000)" in text
