@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/pfc_step.py --quick         # smoke test (20k classes, seconds)
     .venv/bin/python benchmarks/pfc_step.py --classes 2000000 --rates 0.1 --json out.json
     .venv/bin/python benchmarks/pfc_step.py --classes 2000000 --rates 0.1 --impls sparse --profile
+    .venv/bin/python benchmarks/pfc_step.py --classes 2M --rates 0.1 --impls sparse \
+        --storages fp32,bf16,fp16 --offloads none,host      # class-centre storage columns
 
 Every (classes, rate, impl) row runs in a FRESH 2-process gloo group (TCP on 127.0.0.1,
 one torch thread per rank), one group at a time, so each row's peak RSS is its own. A
@@ -11,13 +13,16 @@ step is forward + backward + optimiser update of the classifier alone; the embed
 are random [batch, D] tensors requiring grad, labels uniform over the classes. The time
 of a step is the slower rank's; the table shows the median over the timed steps.
 
-impl "sparse" is arcshard: `PartialFC` + `ShardSGD(momentum 0.9, wd 5e-4)`.
+impl "sparse" is arcshard: `PartialFC` + `ShardSGD(momentum 0.9, wd 5e-4)`, with the class
+centres and momentum stored as --storages says (fp32, or bf16/fp16 with stochastic
+rounding) and --offloads (none, or host: on this CPU-only machine host = device, so it
+measures the staging path's cost, not a transfer).
 impl "dense" is the same layer trained the straightforward way: a PartialFC subclass
 whose `_scored_rows` returns `weight[rows]` of a trainable `nn.Parameter` (the whole
 shard at rate 1) instead of a detached copy, so autograd gives the shard a dense
 [num_local, D] gradient, and `torch.optim.SGD([weight], momentum 0.9, wd 5e-4)` updates
-every row. Both run PartialFC's fused forward/backward; the difference is exactly the
-dense gradient and update.
+every row (fp32 storage, no offload only). Both run PartialFC's fused forward/backward;
+the difference is exactly the dense gradient and update.
 
 A watchdog kills a row's workers when their RSS together exceeds --mem-limit-gib (default:
 the memory available when the row starts minus 1.5 GiB) and reports the row as failed; a
@@ -95,7 +100,8 @@ def worker(cfg: dict, out_path: str) -> None:
     lr, momentum, wd = 0.1, 0.9, 5e-4
     C, D, B = cfg["classes"], cfg["dim"], cfg["batch"]
     if cfg["impl"] == "sparse":
-        pfc = PartialFC(C, D, sample_rate=cfg["rate"], seed=0)
+        pfc = PartialFC(C, D, sample_rate=cfg["rate"], seed=0, storage=cfg["storage"],
+                        offload=cfg["offload"])
         rss["after_model"] = proc.memory_info().rss / GIB
         opt = ShardSGD(pfc, lr=lr, momentum=momentum, weight_decay=wd)
     else:
@@ -179,8 +185,10 @@ def est_gib_per_rank(cfg: dict) -> float:
     """Rough peak memory of one rank for `cfg`, fitted to measured rows (CPU, float32).
 
     ~0.35 GiB for the interpreter, torch and gloo; shard-sized tensors: weight + momentum
-    (sparse), + dense gradient + SGD's `grad + wd * w` temporary (dense); a few
-    sampled-rows-sized tensors (forward's copy, its gradient, the optimiser's gathers).
+    (sparse, in the storage dtype), + dense gradient + SGD's `grad + wd * w` temporary
+    (dense); a few sampled-rows-sized tensors (forward's copy, its gradient, the
+    optimiser's gathers; with offload the staging buffers). trainer/plan.py has the
+    exact formulae; this only decides which rows to skip.
     """
     num_local = math.ceil(cfg["classes"] / WORLD_SIZE)
     sampled = math.ceil(cfg["rate"] * num_local)
@@ -189,14 +197,18 @@ def est_gib_per_rank(cfg: dict) -> float:
         shard_copies, sampled_copies = 2, (2.5 if every_row else 5)
     else:
         shard_copies, sampled_copies = 4, (1 if every_row else 3)
-    return 0.35 + (shard_copies * num_local + sampled_copies * sampled) * cfg["dim"] * 4 / GIB
+    shard_bytes = 4 if cfg["storage"] == "fp32" else 2
+    staging = 6 * sampled * shard_bytes if cfg["offload"] == "host" else 0  # host + device
+    return 0.35 + (shard_copies * num_local * shard_bytes + sampled_copies * sampled * 4
+                   + staging) * cfg["dim"] / GIB
 
 
 def run_row(cfg: dict, mem_limit_gib: float | None, timeout: float) -> dict:
     """Run one config in a fresh 2-process group; return the row (with 'error' on failure)."""
     if mem_limit_gib is None:
         mem_limit_gib = default_mem_limit_gib()
-    row = {k: cfg[k] for k in ("classes", "rate", "impl", "dim", "batch", "warmup", "steps")}
+    row = {k: cfg[k] for k in ("classes", "rate", "impl", "storage", "offload", "dim", "batch",
+                               "warmup", "steps")}
     need = WORLD_SIZE * est_gib_per_rank(cfg)
     if need > mem_limit_gib:
         row["error"] = (f"skipped: {WORLD_SIZE} ranks need about {need:.0f} GiB, "
@@ -247,24 +259,28 @@ def code_version() -> str:
     return f"git {head}" + (f" + uncommitted changes to {changed}" if changed else "")
 
 
-def find(rows: list[dict], classes: int, rate: float, impl: str) -> dict | None:
+def find(rows: list[dict], classes: int, rate: float, impl: str, storage: str = "fp32",
+         offload: str = "none") -> dict | None:
     for r in rows:
-        if r["classes"] == classes and r["rate"] == rate and r["impl"] == impl:
+        if (r["classes"], r["rate"], r["impl"], r["storage"], r["offload"]) == (
+                classes, rate, impl, storage, offload):
             return r
     return None
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'classes':>8} {'rate':>5} {'impl':>6} {'sampled/rank':>12} {'s/step':>8} " \
-           f"{'cpu s/step':>10} {'peak RSS/rank GiB':>18} {'speed-up':>8} {'load':>5}"
+    head = f"{'classes':>8} {'rate':>5} {'impl':>6} {'storage':>7} {'offload':>7} " \
+           f"{'sampled/rank':>12} {'s/step':>8} {'cpu s/step':>10} {'peak RSS/rank GiB':>18} " \
+           f"{'speed-up':>8} {'load':>5}"
     print(head)
     print("-" * len(head))
     for r in rows:
         cls, rate = fmt_classes(r["classes"]), f"{r['rate']:g}"
+        kind = f"{r['impl']:>6} {r['storage']:>7} {r['offload']:>7}"
         if not ok(r):
             first = r["error"].splitlines()[0]
             word = "SKIPPED" if r.get("skipped") else "FAILED"
-            print(f"{cls:>8} {rate:>5} {r['impl']:>6}  {word}: {first.removeprefix('skipped: ')}")
+            print(f"{cls:>8} {rate:>5} {kind}  {word}: {first.removeprefix('skipped: ')}")
             continue
         rss = " / ".join(f"{x:.2f}" for x in r["peak_rss_gib"])
         speed = ""
@@ -272,7 +288,7 @@ def print_table(rows: list[dict]) -> None:
             dense = find(rows, r["classes"], r["rate"], "dense")
             if ok(dense):
                 speed = f"{dense['median_s'] / r['median_s']:.1f}x"
-        print(f"{cls:>8} {rate:>5} {r['impl']:>6} {max(r['num_sample']):>12} "
+        print(f"{cls:>8} {rate:>5} {kind} {max(r['num_sample']):>12} "
               f"{r['median_s']:>8.3f} {r['median_cpu_s']:>10.3f} {rss:>18} {speed:>8} "
               f"{r['load1_at_end']:>5.1f}")
 
@@ -305,6 +321,11 @@ def targets(rows: list[dict]) -> list[tuple[str, str, str]]:
                  f"max over ranks {max(s1['peak_rss_gib']):.2f} GiB"))
     add("2M: sparse r=0.01 >= 4x faster than r=0.1", [s1, s01],
         lambda: (s1["median_s"] / s01["median_s"] >= 4, ratio(s1, s01)))
+    b1 = find(rows, C, 0.1, "sparse", "bf16")
+    add("2M, r=0.1: bf16 storage peak RSS per rank <= 60% of fp32 storage", [s1, b1],
+        lambda: (max(b1["peak_rss_gib"]) <= 0.6 * max(s1["peak_rss_gib"]),
+                 f"{max(b1['peak_rss_gib']):.2f} / {max(s1['peak_rss_gib']):.2f} GiB = "
+                 f"{max(b1['peak_rss_gib']) / max(s1['peak_rss_gib']):.0%}"))
     return out
 
 
@@ -327,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default=None,
                    help="comma list of sample rates (default 1.0,0.1,0.01)")
     p.add_argument("--impls", default="sparse,dense", help="comma list: sparse, dense")
+    p.add_argument("--storages", default="fp32",
+                   help="comma list of class-centre storage dtypes for sparse rows: fp32, bf16, "
+                        "fp16 (default fp32)")
+    p.add_argument("--offloads", default="none",
+                   help="comma list for sparse rows: none, host (default none)")
     p.add_argument("--dim", type=int, default=512, help="embedding size D (default 512)")
     p.add_argument("--batch", type=int, default=128, help="batch per rank (default 128)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default 2)")
@@ -357,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--impls: use sparse and/or dense, got {args.impls}")
     if any(not 0 < r <= 1 for r in rates):
         p.error(f"--rates must be in (0, 1], got {args.rates}")
+    storages = parse_list(args.storages, str)
+    offloads = parse_list(args.offloads, str)
+    if any(s not in ("fp32", "bf16", "fp16") for s in storages):
+        p.error(f"--storages: use fp32, bf16 and/or fp16, got {args.storages}")
+    if any(o not in ("none", "host") for o in offloads):
+        p.error(f"--offloads: use none and/or host, got {args.offloads}")
 
     machine = machine_info(args.threads)
     machine["code"] = code_version()
@@ -367,12 +399,16 @@ def main(argv: list[str] | None = None) -> int:
           f"group per row\n", flush=True)
 
     rows = []
+    variants = [(impl, storage, offload) for impl in impls
+                for storage in (storages if impl == "sparse" else ["fp32"])
+                for offload in (offloads if impl == "sparse" else ["none"])]
     for c in classes:
         for r in rates:
-            for impl in impls:
-                cfg = dict(classes=c, rate=r, impl=impl, dim=args.dim, batch=args.batch,
-                           warmup=args.warmup, steps=args.steps, threads=args.threads,
-                           profile=args.profile, collective_timeout=max(600, args.row_timeout))
+            for impl, storage, offload in variants:
+                cfg = dict(classes=c, rate=r, impl=impl, storage=storage, offload=offload,
+                           dim=args.dim, batch=args.batch, warmup=args.warmup, steps=args.steps,
+                           threads=args.threads, profile=args.profile,
+                           collective_timeout=max(600, args.row_timeout))
                 t0 = time.monotonic()
                 code = code_hash()
                 row = run_row(cfg, args.mem_limit_gib, args.row_timeout)
@@ -382,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                 status = (f"median {row['median_s']:.3f} s/step, peak RSS "
                           f"{max(row['peak_rss_gib']):.2f} GiB/rank" if ok(row)
                           else row["error"] if row.get("skipped") else "FAILED:\n" + row["error"])
-                print(f"[{fmt_classes(c)} r={r:g} {impl}] {status} "
+                print(f"[{fmt_classes(c)} r={r:g} {impl} {storage} {offload}] {status} "
                       f"(row took {row['wall_s']:.0f} s)", flush=True)
                 if ok(row) and row.get("profile"):
                     print(f"\nprofile of one step, rank 0 ({fmt_classes(c)}, r={r:g}, {impl}):")

@@ -13,6 +13,10 @@ reads only the rows PartialFC sampled (`PartialFC.sampled_grad()`) and writes th
 For a sampled row this is exactly `torch.optim.SGD(momentum, weight_decay)`; rows that
 were not sampled, and their momentum, are untouched (a dense optimiser would decay them
 and keep moving them with stale momentum). Cost is O(sampled rows · D) per step.
+
+The momentum buffer is stored like the shard (`PartialFC.new_store`: 16-bit and/or on
+the host); rows are read into the compute dtype, updated in fp32 and written back with
+the shard's rounding (`PartialFC.read_rows` / `write_rows`).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ class ShardSGD:
     """Momentum SGD over the rows of a PartialFC shard that the last step sampled.
 
     Rows are updated in chunks of CHUNK_ROWS through one reused buffer, so the update
-    allocates no [sampled, D] temporaries.
+    allocates no [sampled, D] temporaries (16-bit storage rounds in chunks too).
+    `momentum_buffer` has the shard's shape, dtype and device (None without momentum).
     """
 
-    CHUNK_ROWS = 16384
+    CHUNK_ROWS = 4096
 
     def __init__(
         self, pfc: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4
@@ -48,9 +53,7 @@ class ShardSGD:
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
-        self.momentum_buffer: Tensor | None = (
-            torch.zeros_like(pfc.weight, requires_grad=False) if momentum > 0 else None
-        )
+        self.momentum_buffer: Tensor | None = pfc.new_store() if momentum > 0 else None
         self._chunk: Tensor | None = None  # reused gather buffer for momentum rows
 
     @torch.no_grad()
@@ -67,25 +70,30 @@ class ShardSGD:
             grad = grad / grad_scale
             if not bool(torch.isfinite(grad).all()):
                 return False
-        weight = self.pfc.weight
-        if rows.numel() == weight.shape[0]:  # every row: update the shard in place
-            self._update(weight, grad, self.momentum_buffer)
+        pfc = self.pfc
+        weight = pfc.weight
+        if rows.numel() == weight.shape[0] and not pfc.copies_rows:
+            self._update(weight, grad, self.momentum_buffer)  # every row: in place
             return True
         # The rows' weights: forward's private copy when there is one.
-        w = sampled.values if sampled.values is not None else weight.index_select(0, rows)
+        w = sampled.values
+        if w is None:
+            w = pfc.read_rows(weight, rows, grad.new_empty(grad.shape), "in_weight")
+        generator = pfc.rounding_generator()
         buf = self.momentum_buffer
         for lo in range(0, rows.numel(), self.CHUNK_ROWS):
             part = slice(lo, lo + self.CHUNK_ROWS)
             m = None
             if buf is not None:
-                if self._chunk is None:
-                    self._chunk = buf.new_empty(self.CHUNK_ROWS, buf.shape[1])
                 n = rows[part].numel()
-                m = torch.index_select(buf, 0, rows[part], out=self._chunk[:n])
+                if self._chunk is None or self._chunk.shape[0] < n:
+                    self._chunk = grad.new_empty(n, grad.shape[1])
+                # named by size: a full chunk and the last, partial one keep their buffers
+                m = pfc.read_rows(buf, rows[part], self._chunk[:n], f"in_momentum{n}")
             self._update(w[part], grad[part], m)
             if m is not None:
-                buf.index_copy_(0, rows[part], m)
-        weight.index_copy_(0, rows, w)
+                pfc.write_rows(buf, rows[part], m, generator, f"out_momentum{lo}")
+        pfc.write_rows(weight, rows, w, generator, "out_weight")
         return True
 
     def _update(self, w: Tensor, g: Tensor, m: Tensor | None) -> None:
@@ -100,6 +108,7 @@ class ShardSGD:
         self.pfc.zero_grad()
 
     def state_dict(self) -> dict:
+        self.pfc.flush()  # host offload: the last write-back lands in the momentum buffer
         return {
             "lr": self.lr,
             "momentum": self.momentum,

@@ -19,6 +19,19 @@ back into those rows. No dense gradient of the shard is ever allocated and nothi
 forward/backward reads a value back to the host, except the optional input validation
 (`check_inputs`, one tiny all-gather and host read per step) and the rare case where a
 rank owns more distinct classes of the batch than it samples rows.
+
+Storage (`storage`, `offload`). The shard (`weight`) and ShardSGD's momentum may be kept
+in 16 bits (bf16 or fp16) and/or in host memory. The math never changes: the sampled rows
+are gathered and converted to the compute dtype on the compute device (`read_rows`), and
+updated rows are written back (`write_rows`) with stochastic rounding to 16 bits, so an
+update smaller than half a 16-bit ulp still moves a weight by that amount on average
+(round-to-nearest would drop it). With host offload the sampled rows travel through
+host staging buffers (pinned on CUDA machines) to a device buffer, and updated rows back;
+the write-back into the host store is finished at the start of the next forward
+(`flush`). On a CUDA device the copies run on a side stream, so the write-back overlaps
+the next step's backbone forward (the rows read in forward cannot: they are known only
+once the labels are all-gathered, and reading them to the host is one sync); on a CPU
+device the same code runs with host = device.
 """
 
 from __future__ import annotations
@@ -39,6 +52,16 @@ from trainer.margins import CombinedMargin
 # seeded generator, so the initial classifier is the same whatever the world size.
 INIT_BLOCK_ROWS = 8192
 INIT_STD = 0.01
+
+# partial_fc.storage -> the dtype the shard and its momentum are kept in (None: `dtype`).
+STORAGE_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+}
+OFFLOADS = ("none", "host")
+ROUNDINGS = ("stochastic", "nearest")
+# Rows converted / rounded per chunk when reading or writing 16-bit or offloaded storage.
+ROW_CHUNK = 4096
+FP16_MAX = 65504.0
 
 
 # torch 2.13 renamed the tensor collectives (the old names warn); older torch has only those.
@@ -68,25 +91,98 @@ def sampling_seed(seed: int, step: int, rank: int) -> int:
 
 
 def init_class_centres(
-    num_classes: int, start: int, count: int, dim: int, seed: int, dtype: torch.dtype
+    num_classes: int,
+    start: int,
+    count: int,
+    dim: int,
+    seed: int,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype | None = None,
+    pin_memory: bool = False,
 ) -> Tensor:
     """Rows [start, start+count) of an N(0, INIT_STD²) [num_classes, dim] matrix.
 
-    Row c depends only on (seed, c), never on how the classes are sharded.
+    Row c depends only on (seed, c), never on how the classes are sharded. Values are
+    drawn in `dtype` and stored in `out_dtype` (default `dtype`; a narrower dtype is
+    converted block by block, round to nearest, so no full-size `dtype` copy exists).
     """
-    out = torch.empty(count, dim, dtype=dtype)
+    out_dtype = dtype if out_dtype is None else out_dtype
+    out = torch.empty(count, dim, dtype=out_dtype, pin_memory=pin_memory)
     first, last = start // INIT_BLOCK_ROWS, (start + count - 1) // INIT_BLOCK_ROWS
+    scratch = None  # one block, reused (a fresh one per block fragments the heap)
     for block in range(first, last + 1):
         b0 = block * INIT_BLOCK_ROWS
         rows = min(INIT_BLOCK_ROWS, num_classes - b0)
         g = torch.Generator().manual_seed(mixed_seed(1, seed, block))
         lo, hi = max(start, b0), min(start + count, b0 + rows)
-        if (lo, hi) == (b0, b0 + rows):  # whole block: draw in place, no temporary
+        if (lo, hi) == (b0, b0 + rows) and out_dtype == dtype:  # draw in place, no temporary
             out[lo - start : hi - start].normal_(0.0, INIT_STD, generator=g)
         else:
-            values = torch.empty(rows, dim, dtype=dtype).normal_(0.0, INIT_STD, generator=g)
+            if scratch is None:
+                scratch = torch.empty(INIT_BLOCK_ROWS, dim, dtype=dtype)
+            values = scratch[:rows].normal_(0.0, INIT_STD, generator=g)
             out[lo - start : hi - start] = values[lo - b0 : hi - b0]
     return out
+
+
+def _round_bf16_stochastic(x: Tensor, generator: torch.Generator) -> Tensor:
+    """fp32 → bf16 with stochastic rounding; `x` (contiguous fp32) is clobbered.
+
+    bf16 is the upper half of an fp32. Adding a uniform random 16-bit integer to the
+    fp32 bit pattern and dropping the lower half carries into the kept part with
+    probability (dropped bits)/2¹⁶, i.e. rounds the magnitude up with probability equal
+    to the distance from the lower bf16 neighbour in ulps: unbiased, for either sign
+    (sign-magnitude format). ±inf stay ±inf; a NaN stays NaN or may become ±inf.
+    """
+    bits = x.view(torch.int32)
+    noise = torch.randint(
+        0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32
+    )
+    bits.add_(noise).bitwise_and_(-65536)  # -65536 = 0xFFFF0000
+    return x.to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+def _check_fp16_range(x: Tensor) -> None:
+    """Raise instead of letting fp16 storage overflow to inf (or store a NaN)."""
+    peak = x.abs().amax()
+    if not bool(peak <= FP16_MAX):  # one host read per chunk; NaN fails too
+        raise FloatingPointError(
+            f"partial_fc.storage=fp16: a class-centre or momentum value reached {float(peak):.4g}, "
+            f"outside the fp16 range ±{FP16_MAX:g} (or not finite); the update was stopped "
+            "part-way. Use partial_fc.storage=bf16 (fp32's range) or a lower learning rate, "
+            "and resume from the last checkpoint"
+        )
+
+
+def _round_fp16_stochastic(x: Tensor, generator: torch.Generator) -> Tensor:
+    """fp32 → fp16 with stochastic rounding (unbiased): with u the fp16 ulp at |x| (2⁻²⁴
+    in the subnormal range), |x| = (k + f)·u with k integer, 0 <= f < 1; store (k + 1)·u
+    with probability f, else k·u. Every step is exact in fp32. Raises FloatingPointError
+    if |x| > 65504 or x is not finite (fp16 would store inf)."""
+    _check_fp16_range(x)
+    a = x.abs()
+    exponent = (a.view(torch.int32) >> 23) - 127  # floor(log2 |x|) for normal fp32
+    ulp = ((exponent - 10).clamp_(min=-24) + 127).bitwise_left_shift_(23).view(torch.float32)
+    a.div_(ulp)  # = k + f, exact (power of two)
+    k = a.floor()
+    a.sub_(k)  # f
+    k.add_(torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) < a)
+    return k.mul_(ulp).copysign_(x).to(torch.float16)  # exact: representable in fp16
+
+
+def round_to_storage(x: Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
+    """`x` (contiguous, compute dtype) rounded to the 16-bit storage `dtype`: stochastically
+    with `generator`, to nearest when it is None. `x` may be clobbered."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    if dtype == torch.float16:
+        if generator is None:
+            _check_fp16_range(x)
+            return x.to(dtype)
+        return _round_fp16_stochastic(x, generator)
+    if dtype == torch.bfloat16:
+        return x.to(dtype) if generator is None else _round_bf16_stochastic(x, generator)
+    raise ValueError(f"no 16-bit rounding to {dtype}")
 
 
 class Workspace:
@@ -102,10 +198,20 @@ class Workspace:
     def __init__(self) -> None:
         self._free: dict[str, Tensor] = {}
 
-    def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    def take(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        like: Tensor,
+        device: torch.device | None = None,
+        pin: bool = False,
+    ) -> Tensor:
+        """A buffer of `shape` with `like`'s dtype, on `device` (default `like`'s),
+        in pinned host memory if `pin`."""
+        device = like.device if device is None else device
         buf = self._free.pop(name, None)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = like.new_empty(shape)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != device:
+            buf = torch.empty(shape, dtype=like.dtype, device=device, pin_memory=pin)
         return buf
 
     def give(self, name: str, buf: Tensor | None) -> None:
@@ -240,7 +346,15 @@ class PartialFC(nn.Module):
 
     Attributes: `class_start`, `num_local` (this rank's classes are
     [class_start, class_start + num_local)), `weight` ([num_local, D], not trained by
-    autograd), `last_sampled` (sorted local row indices used by the last forward).
+    autograd; its storage dtype, on the host when offloaded), `last_sampled` (sorted
+    local row indices used by the last forward, on `weight`'s device).
+
+    `dtype` is the compute dtype (and the storage dtype of storage "fp32"); `storage`
+    "bf16"/"fp16" keeps the shard in 16 bits, written back with `rounding` "stochastic"
+    (default) or "nearest" (for comparison only: it drops small updates); `offload`
+    "host" keeps it in host memory (pinned when CUDA is available) while the math runs on
+    `device`. With host offload, call `flush()` before reading `weight` or the momentum
+    buffer directly (a checkpoint): the last step's write-back lands at the next forward.
     """
 
     def __init__(
@@ -255,6 +369,9 @@ class PartialFC(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         check_inputs: bool = True,
+        storage: str = "fp32",
+        offload: str = "none",
+        rounding: str = "stochastic",
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
@@ -266,6 +383,12 @@ class PartialFC(nn.Module):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        for name, value, allowed in (
+            ("storage", storage, tuple(STORAGE_DTYPES)), ("offload", offload, OFFLOADS),
+            ("rounding", rounding, ROUNDINGS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -280,12 +403,27 @@ class PartialFC(nn.Module):
         self.margin = margin if margin is not None else CombinedMargin(64.0, 1.0, 0.5, 0.0)
         self.seed = seed
         self.check_inputs = check_inputs
+        self.storage, self.offload, self.rounding = storage, offload, rounding
+        self.dtype = dtype  # compute dtype
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        store_dtype = STORAGE_DTYPES[storage] or dtype
+        store_device = torch.device("cpu") if offload == "host" else self.device
+        # Host memory the GPU copies from/to asynchronously must be pinned.
+        self._pin = offload == "host" and torch.cuda.is_available()
         self.class_start, self.num_local = shard_range(num_classes, self.world_size, self.rank)
         self.num_sample = min(self.num_local, math.ceil(self.sample_rate * self.num_local))
         weight = init_class_centres(
-            num_classes, self.class_start, self.num_local, embedding_size, seed, dtype
+            num_classes, self.class_start, self.num_local, embedding_size, seed, dtype,
+            out_dtype=store_dtype, pin_memory=self._pin,
         )
-        self.weight = nn.Parameter(weight.to(device), requires_grad=False)
+        self.weight = nn.Parameter(weight.to(store_device), requires_grad=False)
+        # Scoring needs a converted (or staged) copy even of every row unless the shard
+        # is already in the compute dtype and not offloaded.
+        self.copies_rows = store_dtype != dtype or offload == "host"
+        self._side_stream = None  # CUDA + host offload: the copy stream (created lazily)
+        self._host_busy: dict[str, object] = {}  # pinned buffer name -> CUDA event of its copy
+        # host offload: write-backs waiting for `flush` (store, rows, host, dev, stage, event)
+        self._pending: list[tuple] = []
         self.sample_step = 0
         self.last_sampled: Tensor | None = None
         self._sampled: list[tuple[Tensor, Tensor]] = []  # (rows, leaf copy) since zero_grad
@@ -300,11 +438,12 @@ class PartialFC(nn.Module):
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
             f"rank={self.rank}/{self.world_size}, classes=[{self.class_start}, "
             f"{self.class_start + self.num_local}), sample_rate={self.sample_rate}, "
-            f"num_sample={self.num_sample}"
+            f"num_sample={self.num_sample}, storage={self.storage}, offload={self.offload}"
         )
 
     # -- state (the sampling position travels with the weights) -------------------
     def get_extra_state(self) -> dict:
+        self.flush()  # whoever saves the state saves the weights next
         return {
             "sample_step": self.sample_step,
             "num_classes": self.num_classes,
@@ -366,7 +505,8 @@ class PartialFC(nn.Module):
 
     # -- sampling -----------------------------------------------------------------
     def _sample_rows(self, labels: Tensor) -> Tensor:
-        """Sorted local rows to score: every local class in `labels` + random negatives."""
+        """Sorted local rows to score: every local class in `labels` + random negatives,
+        on the storage device (`labels` must be there too)."""
         device = self.weight.device
         if self.samples_all:
             return torch.arange(self.num_local, device=device)
@@ -388,7 +528,7 @@ class PartialFC(nn.Module):
     def forward(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
         if self.check_inputs:
             self._validate(local_embeddings, local_labels)
-        dtype, dim = self.weight.dtype, self.embedding_size
+        dtype, dim = self.dtype, self.embedding_size
         with torch.autocast(local_embeddings.device.type, enabled=False):
             emb = local_embeddings.to(dtype)
             labels = local_labels.to(torch.int64).reshape(-1, 1)
@@ -398,14 +538,15 @@ class PartialFC(nn.Module):
             x = gathered[:, :dim]
             global_labels = gathered[:, dim:].contiguous().view(torch.int64).reshape(-1)
 
-            rows = self._sample_rows(global_labels)
+            self.flush()
+            rows = self._sample_rows(global_labels.to(self.weight.device))
             self.last_sampled = rows
             sub = self._scored_rows(rows)
             if self.samples_all:
                 target_cols = global_labels - self.class_start
             else:
                 local = (global_labels - self.class_start).clamp(0, self.num_local - 1)
-                target_cols = torch.searchsorted(rows, local)
+                target_cols = torch.searchsorted(rows.to(x.device, non_blocking=True), local)
             owned = (global_labels >= self.class_start) & (
                 global_labels < self.class_start + self.num_local
             )
@@ -422,15 +563,127 @@ class PartialFC(nn.Module):
 
     def _scored_rows(self, rows: Tensor) -> Tensor:
         """The centres to score, as a leaf whose gradient is the sparse gradient: a copy
-        of the sampled rows (in a reused buffer), or the shard itself at rate 1."""
-        if self.samples_all:
+        of the sampled rows in the compute dtype on the compute device (in a reused
+        buffer), or the shard itself at rate 1 when it needs no conversion."""
+        if self.samples_all and not self.copies_rows:
             return self.weight.detach().requires_grad_(True)
         with torch.no_grad():
-            sub = torch.index_select(
-                self.weight, 0, rows,
-                out=self.workspace.take("rows", (rows.numel(), self.embedding_size), self.weight),
-            )
+            like = torch.empty(0, dtype=self.dtype, device=self.device)
+            out = self.workspace.take("rows", (rows.numel(), self.embedding_size), like)
+            sub = self.read_rows(self.weight, rows, out, "in_rows")
         return sub.requires_grad_(True)
+
+    # -- storage: reading and writing rows of the shard (or of its momentum) ----------
+    def new_store(self) -> Tensor:
+        """A zeroed tensor with `weight`'s shape, dtype and device (pinned like it): the
+        optimiser's momentum buffer."""
+        w = self.weight
+        return torch.zeros(w.shape, dtype=w.dtype, device=w.device, pin_memory=self._pin)
+
+    def rounding_generator(self) -> torch.Generator | None:
+        """The generator for this update's stochastic rounding, a pure function of
+        (seed, step, rank); None when nothing is rounded (storage in the compute dtype,
+        or rounding "nearest")."""
+        if self.weight.dtype == self.dtype or self.rounding == "nearest":
+            return None
+        g = torch.Generator(device=self.device)
+        return g.manual_seed(mixed_seed(2, self.seed, self.sample_step, self.rank))
+
+    def read_rows(self, store: Tensor, rows: Tensor, out: Tensor, stage: str) -> Tensor:
+        """Rows `rows` (indices on `store`'s device) of `store` (`weight` or a tensor from
+        `new_store`) into `out` (compute dtype and device); returns `out`. `stage` names
+        the reused buffers the rows pass through when a conversion or copy is needed."""
+        if self.offload == "host":
+            host = self._host_buffer(stage, out.shape, store)
+            torch.index_select(store, 0, rows, out=host)
+            dev = self.workspace.take(stage + "_dev", out.shape, store, device=out.device)
+            self._host_busy[stage] = self._copy(dev, host, wait=True)
+            out.copy_(dev)  # to the compute dtype, on the device
+            self.workspace.give(stage, host)
+            self.workspace.give(stage + "_dev", dev)
+        elif store.dtype != out.dtype:  # in chunks: no [rows, D] 16-bit temporary
+            buf = self.workspace.take(stage, (min(ROW_CHUNK, rows.numel()), out.shape[1]), store)
+            for lo in range(0, rows.numel(), ROW_CHUNK):
+                part = buf[: rows[lo : lo + ROW_CHUNK].numel()]
+                torch.index_select(store, 0, rows[lo : lo + ROW_CHUNK], out=part)
+                out[lo : lo + part.shape[0]] = part
+            self.workspace.give(stage, buf)
+        else:
+            torch.index_select(store, 0, rows, out=out)
+        return out
+
+    def write_rows(
+        self,
+        store: Tensor,
+        rows: Tensor,
+        values: Tensor,
+        generator: torch.Generator | None,
+        stage: str,
+    ) -> None:
+        """Write `values` (compute dtype and device; clobbered) into rows `rows` of
+        `store`, rounded to its dtype (stochastically with `generator`, else to nearest).
+        With host offload the rows are staged in `stage` buffers and land in `store` at the
+        next `flush` (on CUDA their copy to the host overlaps what runs until then)."""
+        if self.offload == "host":
+            dev = self.workspace.take(stage + "_dev", values.shape, store, device=values.device)
+            for lo in range(0, values.shape[0], ROW_CHUNK):
+                part = values[lo : lo + ROW_CHUNK]
+                dev[lo : lo + ROW_CHUNK] = self._rounded(part, store, generator)
+            host = self._host_buffer(stage, values.shape, store)
+            event = self._copy(host, dev, wait=False)
+            self._pending.append((store, rows, host, dev, stage, event))
+        elif store.dtype != values.dtype:
+            for lo in range(0, values.shape[0], ROW_CHUNK):
+                part = self._rounded(values[lo : lo + ROW_CHUNK], store, generator)
+                store.index_copy_(0, rows[lo : lo + ROW_CHUNK], part)
+        else:
+            store.index_copy_(0, rows, values)
+
+    @staticmethod
+    def _rounded(values: Tensor, store: Tensor, generator: torch.Generator | None) -> Tensor:
+        if values.dtype == store.dtype:
+            return values
+        return round_to_storage(values, store.dtype, generator)
+
+    def flush(self) -> None:
+        """Finish the pending host-offload write-backs (none without offload). Forward
+        calls it first; call it before reading `weight` or the momentum buffer directly."""
+        for store, rows, host, dev, stage, event in self._pending:
+            if event is not None:
+                event.synchronize()
+            store.index_copy_(0, rows, host)
+            self.workspace.give(stage, host)
+            self.workspace.give(stage + "_dev", dev)
+        self._pending.clear()
+
+    # -- host offload: staging buffers; the only CUDA-specific code ----------------------
+    def _host_buffer(self, stage: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Host buffer `stage` (pinned on a CUDA machine), once its last copy is done."""
+        event = self._host_busy.pop(stage, None)
+        if event is not None:
+            event.synchronize()
+        return self.workspace.take(stage, shape, like, device=torch.device("cpu"), pin=self._pin)
+
+    def _copy(self, dst: Tensor, src: Tensor, wait: bool):
+        """dst.copy_(src); between host and a CUDA device: on a side stream, ordered after
+        the work queued so far (and, if `wait`, the current stream waits for it; a
+        write-back does not, so the next step's kernels run during the copy); returns the
+        copy's CUDA event (None on CPU). `src` and `dst` must stay untouched until the
+        event has completed (`_host_buffer`, `flush`)."""
+        if self.device.type != "cuda":
+            dst.copy_(src)
+            return None
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        side, main = self._side_stream, torch.cuda.current_stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(side)
+        if wait:
+            main.wait_stream(side)
+        return event
 
     # -- the sparse gradient --------------------------------------------------------
     def sampled_grad(self) -> SampledGrad | None:
@@ -449,13 +702,13 @@ class PartialFC(nn.Module):
         rows = torch.cat([r for r, _ in parts])
         union, inverse = torch.unique(rows, sorted=True, return_inverse=True)
         grad = parts[0][1].new_zeros(union.numel(), self.embedding_size)
-        grad.index_add_(0, inverse, torch.cat([g for _, g in parts]))
+        grad.index_add_(0, inverse.to(grad.device), torch.cat([g for _, g in parts]))
         return SampledGrad(union, grad)
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 (nn.Module API)
         """Drop the sampled rows' gradients; their buffers are kept for the next step."""
         for rows, sub in self._sampled:
-            if rows.numel() < self.num_local:  # a copy, not the shard itself
+            if self.copies_rows or rows.numel() < self.num_local:  # a copy, not the shard
                 self.workspace.give("rows", sub)
             self.workspace.give("grad_rows", sub.grad)
             sub.grad = None

@@ -1,0 +1,127 @@
+"""The memory planner: its formulae against measured peak RSS of real runs, and the CLI."""
+
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests.distributed import run_world
+from trainer.optim import ShardSGD
+from trainer.partial_fc import PartialFC
+from trainer.plan import GIB, PlanInputs, main, make_plan
+
+DIM, BATCH, RATE = 512, 16, 0.1
+
+
+def _measure_worker(rank, world, num_classes, storage, offload, steps):
+    """Peak RSS growth of this rank over a PartialFC + ShardSGD run (classifier only)."""
+    _run(1000, storage, offload, rank, world, 2)  # warm-up: first use of torch's code pages
+    base = psutil.Process().memory_info().rss
+    _run(num_classes, storage, offload, rank, world, steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak - base
+
+
+def _run(num_classes, storage, offload, rank, world, steps):
+    pfc = PartialFC(num_classes, DIM, sample_rate=RATE, seed=0, storage=storage, offload=offload)
+    opt = ShardSGD(pfc, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step * world + rank)
+        emb = torch.randn(BATCH, DIM, generator=g).requires_grad_(True)
+        pfc(emb, torch.randint(0, num_classes, (BATCH,), generator=g)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize(
+    "num_classes, storage, offload",
+    [(200_000, "fp32", "none"), (1_000_000, "fp32", "host"), (2_000_000, "bf16", "none")],
+    ids=["200k-fp32", "1M-fp32-offload", "2M-bf16"],
+)
+def test_plan_matches_measured_peak_rss(num_classes, storage, offload):
+    plan = make_plan(PlanInputs(
+        num_classes=num_classes, world_size=2, device_memory=64 * GIB, embedding_size=DIM,
+        batch_size=BATCH, sample_rate=RATE, backbone=None, storage=storage, offload=offload,
+        device="cpu",
+    ))
+    planned = plan.classifier_bytes
+    if psutil.virtual_memory().available < 2 * planned + GIB:
+        pytest.skip(f"needs about {2 * planned / GIB + 1:.1f} GiB free memory")
+    measured = run_world(_measure_worker, 2, num_classes, storage, offload, 3, timeout=300)
+    for rank, grew in enumerate(measured):
+        assert abs(grew - planned) <= 0.10 * planned, (
+            f"rank {rank}: measured {grew / GIB:.3f} GiB, planned {planned / GIB:.3f} GiB\n"
+            + plan.table()
+        )
+
+
+def _cli(capsys, *args):
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().out.strip().splitlines()
+
+
+def test_cli_exit_codes_and_last_line(capsys):
+    base = ("--world-size", 8, "--device-memory", 80, "--storage", "bf16")
+    code, lines = _cli(capsys, "--num-classes", 100_000_000, *base)
+    assert code == 0
+    assert lines[-1].startswith("max_num_classes: ")
+    top = int(lines[-1].removeprefix("max_num_classes: "))
+    assert top > 100_000_000
+    assert any(line.startswith("class centres") for line in lines)
+    # The reported maximum is exact: it fits, one more class does not.
+    assert _cli(capsys, "--num-classes", top, *base)[0] == 0
+    code, lines = _cli(capsys, "--num-classes", top + 1, *base)
+    assert code == 3 and lines[-1] == f"max_num_classes: {top}"
+    assert "fits: NO" in lines
+    # 16-bit storage holds more classes than fp32; offload to a big host more still.
+    fp32 = _cli(capsys, "--num-classes", 8, "--world-size", 8, "--device-memory", 80)[1][-1]
+    offload = _cli(capsys, "--num-classes", 8, *base, "--offload", "host",
+                   "--host-memory", 256)[1][-1]
+    assert int(fp32.split()[-1]) < top < int(offload.split()[-1])
+
+
+@pytest.mark.parametrize("bad", [
+    ["--num-classes", "10", "--world-size", "2"],  # --device-memory missing
+    ["--num-classes", "10", "--world-size", "2", "--device-memory", "8", "--storage", "fp8"],
+    ["--num-classes", "10", "--world-size", "2", "--device-memory", "8", "--sample-rate", "0"],
+    ["--num-classes", "1", "--world-size", "2", "--device-memory", "8"],
+    ["--num-classes", "10", "--world-size", "2", "--device-memory", "8", "--backbone", "vit"],
+])
+def test_cli_bad_arguments_exit_2(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(bad)
+    assert exc.value.code == 2
+    assert "arcshard-plan: error" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    script = Path(sys.executable).parent / "arcshard-plan"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "trainer.plan"]
+    out = subprocess.run(
+        [*command, "--num-classes", "1000000", "--world-size", "2",
+         "--device-memory", "0.5", "--backbone", "none", "--device", "cpu"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 3, out.stderr
+    assert out.stdout.strip().splitlines()[-1].startswith("max_num_classes: ")
+
+
+def test_train_startup_check_refuses_a_run_that_does_not_fit():
+    from trainer.config import ConfigError, load_config
+    from trainer.plan import check_fits, plan_for_config
+
+    cfg = load_config(
+        None, ["data.num_classes=20000", "data.batch_size=8", "partial_fc.storage=bf16"]
+    )
+    plan = plan_for_config(cfg, world_size=2, device="cpu")
+    assert (plan.inputs.num_classes, plan.inputs.backbone, plan.inputs.storage) == (
+        20_000, "iresnet50", "bf16")
+    check_fits(plan)  # under 1.5 GiB per rank
+    huge = plan_for_config(load_config(None, ["data.num_classes=1000000000000"]), 2, "cpu")
+    needle = r"data.num_classes: 1,000,000,000,000 classes do not fit.*GiB"
+    with pytest.raises(ConfigError, match=needle):
+        check_fits(huge)

@@ -1,0 +1,390 @@
+"""Memory plan of a training run: bytes per rank by part, and the largest class count that fits.
+
+    arcshard-plan --num-classes 100000000 --world-size 8 --device-memory 80 --storage bf16
+
+prints the per-rank table and ends with `max_num_classes: M`; exit code 0 when
+--num-classes fits, 3 when it does not, 2 on bad arguments. `train.py` calls
+`plan_for_config` + `check_fits` at start-up (logs the table, refuses a run that does not
+fit, with the numbers).
+
+The classifier formulae follow the buffers `trainer/partial_fc.py` and `trainer/optim.py`
+allocate on the worst-loaded rank (n = ceil(C/W) classes, K sampled rows, N = W·B global
+batch, D embedding size, s storage bytes per value (4 for fp32, 2 for bf16/fp16),
+c = 4 compute bytes):
+
+* class centres n·D·s and momentum n·D·s: on the device, or on the host with offload;
+* sampled rows: forward's copy [K, D]·c (none at rate 1 with fp32 on-device storage: the
+  shard itself is scored) and its gradient [K, D]·c, both kept from step to step
+  (`Workspace`); with host offload the rows pass through host buffers (pinned on CUDA)
+  for the rows in and the updated rows and momentum out (3·K·D·s, plus two momentum
+  chunks in: a full one and the last) and their device twins;
+* logits and their gradient: one fused [N, K]·c buffer (the gradient is computed in place);
+* update: ShardSGD's momentum chunk [min(K, 4096), D]·c, plus, for 16-bit storage,
+  the rounding temporaries of one [min(K, 4096), D] chunk (per value: bf16 8 bytes,
+  fp16 19 bytes) and (without offload) the s-byte staging chunks of the rows read and
+  of the momentum reads (a full and a last chunk); backward's row-wise dot products, a
+  [min(K, 8192), D]·c product per chunk; sampling: n+1 random scores (4 bytes each) and
+  K-sized top-k/sort outputs; embeddings all-gathered, normalised and their gradient
+  (~4 N·D·c).
+
+Backbone (replicated): parameters, gradients, SGD momentum (AdamW: two moments) and
+DDP's gradient buckets, 4 bytes per parameter each (parameter counts are exact, from the
+model built on the meta device); activations = measured bytes per image × batch: the
+bytes of every tensor autograd saves for backward in one fp32 training forward, measured
+on CPU with `torch.autograd.graph.saved_tensors_hooks` at batch 2 and 4 (the difference
+over 2 images, so parameters saved by convolutions are not counted); under 16-bit
+autocast half of it (assumes every saved activation is 16-bit: an estimate, not a
+measurement). DALI (CUDA only): 3 batches of fp32 CHW 112×112 output (prefetch depth 2
++ the one in use) and their uint8 decode, plus a fixed 256 MiB for the decoder
+(assumed). Runtime: CUDA context, cuBLAS/cuDNN workspaces and allocator slack, a fixed
+1.5 GiB (assumed); on CPU the interpreter, torch and gloo, 0.35 GiB (measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+
+GIB = 1024**3
+STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+COMPUTE_BYTES = 4
+CHUNK_ROWS = 4096  # trainer.optim.ShardSGD.CHUNK_ROWS (momentum rows per update chunk)
+ROW_CHUNK = 4096  # trainer.partial_fc.ROW_CHUNK (rows per 16-bit conversion / rounding)
+ROW_DOT_CHUNK = 8192  # rows per chunk of partial_fc._row_dot (a [chunk, D] product)
+ROUNDING_BYTES = {"fp32": 0, "bf16": 8, "fp16": 19}  # per value of one chunk, see above
+IMAGE_VALUES = 3 * 112 * 112
+
+# Bytes autograd saves per image in one fp32 training forward (see the module docstring).
+ACTIVATION_BYTES_PER_IMAGE = {
+    "iresnet18": 46_113_792,
+    "iresnet34": 61_166_592,
+    "iresnet50": 70_800_384,
+    "iresnet100": 111_744_000,
+    "iresnet200": 195_437_568,
+    "mobilefacenet": 45_214_720,
+}
+CUDA_RUNTIME_BYTES = int(1.5 * GIB)
+CPU_RUNTIME_BYTES = int(0.35 * GIB)
+DALI_DECODER_BYTES = 256 * 2**20
+MAX_CLASSES_SEARCHED = 10**13
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a plan depends on. Memory sizes in bytes; `host_memory` None: not checked.
+    `device` "cuda" or "cpu" (on CPU, device memory is host memory: everything counts
+    against `device_memory`). `backbone` None plans the classifier alone."""
+
+    num_classes: int
+    world_size: int
+    device_memory: int
+    embedding_size: int = 512
+    batch_size: int = 128
+    sample_rate: float = 0.1
+    backbone: str | None = "iresnet100"
+    storage: str = "fp32"
+    offload: str = "none"
+    host_memory: int | None = None
+    device: str = "cuda"
+    momentum: bool = True
+    optimizer: str = "sgd"
+    amp16: bool = True  # backbone under 16-bit autocast (halves the activation estimate)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("num_classes", self.num_classes >= self.world_size,
+             f"must be >= the world size {self.world_size}"),
+            ("world_size", self.world_size >= 1, "must be >= 1"),
+            ("device_memory", self.device_memory > 0, "must be > 0"),
+            ("embedding_size", self.embedding_size >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("sample_rate", 0 < self.sample_rate <= 1, "must be in (0, 1]"),
+            ("storage", self.storage in STORAGE_BYTES,
+             f"must be one of {', '.join(STORAGE_BYTES)}"),
+            ("offload", self.offload in ("none", "host"), "must be none or host"),
+            ("host_memory", self.host_memory is None or self.host_memory > 0, "must be > 0"),
+            ("device", self.device in ("cuda", "cpu"), "must be cuda or cpu"),
+            ("optimizer", self.optimizer in ("sgd", "adamw"), "must be sgd or adamw"),
+            ("backbone", self.backbone is None or self.backbone in ACTIVATION_BYTES_PER_IMAGE,
+             f"must be one of {', '.join(ACTIVATION_BYTES_PER_IMAGE)}"),
+        ]
+        for name, good, what in checks:
+            if not good:
+                raise ValueError(f"{name}: {what}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class Part:
+    name: str
+    device: int  # bytes on the device
+    host: int  # bytes in host memory (beyond what `device` counts on a CPU device)
+    formula: str
+    classifier: bool  # True: a classifier part (what the CPU validation measures)
+
+
+@dataclass
+class Plan:
+    inputs: PlanInputs
+    num_local: int
+    num_sample: int
+    parts: list[Part] = field(default_factory=list)
+    max_num_classes: int = 0
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(p.device for p in self.parts)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(p.host for p in self.parts)
+
+    @property
+    def classifier_bytes(self) -> int:
+        """Device + host bytes of the classifier parts."""
+        return sum(p.device + p.host for p in self.parts if p.classifier)
+
+    @property
+    def fits(self) -> bool:
+        return _fits(self.inputs, self.device_bytes, self.host_bytes)
+
+    def table(self) -> str:
+        i = self.inputs
+        lines = [
+            f"memory plan: {i.num_classes:,} classes, D={i.embedding_size}, {i.world_size} "
+            f"rank(s), batch {i.batch_size}/rank (global {i.batch_size * i.world_size}), "
+            f"sample rate {i.sample_rate:g}, backbone {i.backbone or 'none'}, storage "
+            f"{i.storage}, offload {i.offload}, {i.device} device",
+            f"per rank (worst rank): {self.num_local:,} classes, {self.num_sample:,} "
+            "sampled rows per step",
+            f"{'part':<34} {'device GiB':>10} {'host GiB':>9}  formula",
+        ]
+        for p in self.parts:
+            host = f"{p.host / GIB:9.3f}" if p.host else f"{'-':>9}"
+            lines.append(f"{p.name:<34} {p.device / GIB:10.3f} {host}  {p.formula}")
+        dev_cap = f"{i.device_memory / GIB:.2f}"
+        host_cap = "not checked" if i.host_memory is None else f"{i.host_memory / GIB:.2f}"
+        lines.append(f"{'total':<34} {self.device_bytes / GIB:10.3f} {self.host_bytes / GIB:9.3f}")
+        lines.append(f"{'available':<34} {dev_cap:>10} {host_cap:>9}")
+        lines.append(f"fits: {'yes' if self.fits else 'NO'}")
+        lines.append(f"max_num_classes: {self.max_num_classes}")
+        return "\n".join(lines)
+
+
+def _backbone_params(name: str, embedding_size: int) -> int:
+    import torch
+
+    from trainer.backbones import get_backbone
+
+    with torch.device("meta"):
+        model = get_backbone(name, embedding_size=embedding_size)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _parts(i: PlanInputs, backbone_params: int) -> tuple[int, int, list[Part]]:
+    W, D, B = i.world_size, i.embedding_size, i.batch_size
+    n = math.ceil(i.num_classes / W)
+    N = W * B
+    # ceil(r·n) rows, or more when the positives do not fit (worst case: N distinct ones)
+    k = min(n, max(math.ceil(i.sample_rate * n), N))
+    s, c = STORAGE_BYTES[i.storage], COMPUTE_BYTES
+    cuda = i.device == "cuda"
+    offload = i.offload == "host"
+    sixteen = i.storage != "fp32"
+    copies = sixteen or offload  # rows are converted/staged, never scored in place
+    parts: list[Part] = []
+
+    def add(name: str, nbytes: int, formula: str, classifier: bool = True, on_host: bool = False):
+        host = on_host and cuda  # on a CPU device the host is the device
+        parts.append(Part(name, 0 if host else nbytes, nbytes if host else 0, formula, classifier))
+
+    add("class centres", n * D * s, f"n·D·{s}", on_host=offload)
+    if i.momentum:
+        add("momentum", n * D * s, f"n·D·{s}", on_host=offload)
+    rows_copy = k < n or copies
+    add("sampled rows + gradient", (2 if rows_copy else 1) * k * D * c,
+        f"{2 if rows_copy else 1}·K·D·{c}")
+    chunk, rchunk = min(k, CHUNK_ROWS), min(k, ROW_CHUNK)
+    if offload:  # rows in, rows out, momentum out: K rows each; momentum in: 2 chunks
+        add("host staging (rows in/out)", (3 * k + 2 * chunk) * D * s,
+            f"(3K+2·{chunk})·D·{s}", on_host=True)
+        add("device staging (rows in/out)", (3 * k + 2 * chunk) * D * s,
+            f"(3K+2·{chunk})·D·{s}")
+    add("logits + gradient [N, K]", N * k * c, f"N·K·{c}")
+    # ShardSGD's momentum chunk; 16-bit: the rounding temporaries of one chunk and the
+    # staging chunks of the rows read and the momentum reads (a full and a last chunk);
+    # offload stages whole reads instead.
+    per_chunk = chunk * D * c
+    if sixteen:
+        per_chunk += rchunk * D * (ROUNDING_BYTES[i.storage] + (0 if offload else 3 * s))
+    row_dot = min(k, ROW_DOT_CHUNK) * D * c  # backward's chunked row-wise dot products
+    sampling = (n + 1) * 4 + k * 32 + 4 * N * (D + 2) * c
+    add("update chunks, backward, sampling", per_chunk + row_dot + sampling,
+        f"chunks + {min(k, ROW_DOT_CHUNK)}·D·{c} + 4(n+1) + 32K + 4·N·D·4")
+    if i.backbone is not None:
+        copies_per_param = 3 + (2 if i.optimizer == "adamw" else 1)  # param, grad, bucket
+        add("backbone params/grads/opt/DDP", backbone_params * 4 * copies_per_param,
+            f"{backbone_params:,}·4·{copies_per_param}", classifier=False)
+        per_image = ACTIVATION_BYTES_PER_IMAGE[i.backbone]
+        half = i.amp16 and cuda
+        add("activations (estimate)", B * per_image // (2 if half else 1),
+            f"B·{per_image / 2**20:.1f} MiB{'/2 (16-bit autocast)' if half else ''}",
+            classifier=False)
+        if cuda:
+            add("DALI buffers", 3 * B * IMAGE_VALUES * 5 + DALI_DECODER_BYTES,
+                "3·B·3·112²·5 + 256 MiB", classifier=False)
+    add("runtime (CUDA ctx / interpreter)", CUDA_RUNTIME_BYTES if cuda else CPU_RUNTIME_BYTES,
+        "fixed", classifier=False)
+    return n, k, parts
+
+
+def _fits(i: PlanInputs, device_bytes: int, host_bytes: int) -> bool:
+    host_ok = i.host_memory is None or host_bytes <= i.host_memory
+    return device_bytes <= i.device_memory and host_ok
+
+
+def make_plan(inputs: PlanInputs) -> Plan:
+    """The plan for `inputs`, with the largest num_classes that fits the same setting."""
+    params = _backbone_params(inputs.backbone, inputs.embedding_size) if inputs.backbone else 0
+    n, k, parts = _parts(inputs, params)
+    plan = Plan(inputs, n, k, parts)
+
+    def fits(c: int) -> bool:
+        _, _, p = _parts(_replace(inputs, num_classes=c), params)
+        return _fits(inputs, sum(x.device for x in p), sum(x.host for x in p))
+
+    lo, hi = inputs.world_size - 1, MAX_CLASSES_SEARCHED  # fits(lo) assumed, hi: checked
+    if fits(hi):
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    plan.max_num_classes = lo if lo >= inputs.world_size else 0
+    return plan
+
+
+def _replace(i: PlanInputs, **changes) -> PlanInputs:
+    from dataclasses import replace
+
+    return replace(i, **changes)
+
+
+# ----------------------------------------------------------------------- train.py hooks
+
+
+def plan_for_config(cfg, world_size: int, device, local_world_size: int = 1) -> Plan:
+    """The plan of the run `cfg` (trainer.config.Config) on `world_size` ranks of
+    `device`: CUDA memory from the device's properties, host memory the machine's total
+    divided by the ranks on this node (on CPU that is the "device"). Totals, not what is
+    free now, so every rank reaches the same verdict (a rank refusing alone would hang
+    the others)."""
+    import psutil
+    import torch
+
+    device = torch.device(device)
+    host = psutil.virtual_memory()
+    if device.type == "cuda":
+        device_memory = torch.cuda.get_device_properties(device).total_memory
+        host_memory = host.total // local_world_size
+        kind = "cuda"
+    else:
+        device_memory = host.total // local_world_size
+        host_memory = None
+        kind = "cpu"
+    precision = cfg.backbone.precision
+    amp16 = precision in ("bf16", "fp16") or (precision == "auto" and kind == "cuda")
+    inputs = PlanInputs(
+        num_classes=cfg.data.num_classes,
+        world_size=world_size,
+        device_memory=device_memory,
+        embedding_size=cfg.backbone.embedding_size,
+        batch_size=cfg.data.batch_size,
+        sample_rate=cfg.partial_fc.sample_rate,
+        backbone=cfg.backbone.name if cfg.backbone.name in ACTIVATION_BYTES_PER_IMAGE else None,
+        storage=cfg.partial_fc.storage,
+        offload=cfg.partial_fc.offload,
+        host_memory=host_memory,
+        device=kind,
+        momentum=cfg.optim.momentum > 0,
+        optimizer=cfg.optim.name,
+        amp16=amp16,
+    )
+    return make_plan(inputs)
+
+
+def check_fits(plan: Plan) -> None:
+    """Raise trainer.config.ConfigError, with the numbers, when `plan` does not fit."""
+    from trainer.config import ConfigError
+
+    if plan.fits:
+        return
+    i = plan.inputs
+    where = []
+    if plan.device_bytes > i.device_memory:
+        where.append(f"device needs {plan.device_bytes / GIB:.2f} GiB per rank, has "
+                     f"{i.device_memory / GIB:.2f} GiB")
+    if i.host_memory is not None and plan.host_bytes > i.host_memory:
+        where.append(f"host needs {plan.host_bytes / GIB:.2f} GiB per rank, has "
+                     f"{i.host_memory / GIB:.2f} GiB")
+    raise ConfigError(
+        f"data.num_classes: {i.num_classes:,} classes do not fit on {i.world_size} rank(s) "
+        f"({'; '.join(where)}); at most {plan.max_num_classes:,} fit with storage "
+        f"{i.storage}, offload {i.offload}, batch {i.batch_size}, sample rate "
+        f"{i.sample_rate:g}: lower partial_fc.sample_rate or data.batch_size, use "
+        "partial_fc.storage=bf16 or partial_fc.offload=host, or add ranks"
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="arcshard-plan",
+        description="Per-rank memory plan of an arcshard training run and the largest "
+                    "num_classes that fits (formulae: trainer/plan.py).",
+        epilog="Exit codes: 0 the run fits, 3 it does not, 2 bad arguments. Memory sizes in "
+               "GiB; --host-memory is per rank (a node's memory / its GPUs) and is only "
+               "checked when given.",
+    )
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) in total")
+    p.add_argument("--device-memory", type=float, required=True, metavar="GIB",
+                   help="memory of one device (GiB)")
+    p.add_argument("--embedding-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=128, help="per rank")
+    p.add_argument("--sample-rate", type=float, default=0.1)
+    p.add_argument("--backbone", default="iresnet100",
+                   help=f"{', '.join(ACTIVATION_BYTES_PER_IMAGE)} or none (classifier only)")
+    p.add_argument("--storage", choices=tuple(STORAGE_BYTES), default="fp32")
+    p.add_argument("--offload", choices=("none", "host"), default="none")
+    p.add_argument("--host-memory", type=float, default=None, metavar="GIB",
+                   help="host memory per rank (GiB); default: not checked")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda (default) or cpu (then host memory is the device's)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="the backbone's optimiser")
+    p.add_argument("--precision", choices=("fp32", "16bit"), default="16bit",
+                   help="backbone autocast on CUDA (activation estimate); default 16bit")
+    args = p.parse_args(argv)
+    try:
+        inputs = PlanInputs(
+            num_classes=args.num_classes, world_size=args.world_size,
+            device_memory=int(args.device_memory * GIB), embedding_size=args.embedding_size,
+            batch_size=args.batch_size, sample_rate=args.sample_rate,
+            backbone=None if args.backbone == "none" else args.backbone,
+            storage=args.storage, offload=args.offload,
+            host_memory=None if args.host_memory is None else int(args.host_memory * GIB),
+            device=args.device, optimizer=args.optimizer, amp16=args.precision == "16bit",
+        )
+    except ValueError as exc:
+        name, _, why = str(exc).partition(": ")
+        p.error(f"--{name.replace('_', '-')}: {why}")
+    plan = make_plan(inputs)
+    print(plan.table())
+    return 0 if plan.fits else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
