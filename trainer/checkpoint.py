@@ -314,6 +314,7 @@ def _write_rank_files(
 ) -> dict[str, dict[str, Any]]:
     """This rank's files; returns {relative path: index entry}."""
     pfc = parts.pfc
+    pfc.flush()  # host offload: land the last step's write-back before reading the rows
     start, end = pfc.class_start, pfc.class_start + pfc.num_local
     entries: dict[str, dict[str, Any]] = {}
     (ckpt / "classifier").mkdir(exist_ok=True)
@@ -668,6 +669,7 @@ def _load_local(
         parts.scaler.load_state_dict(replicated["scaler"])
     start = pfc.class_start
     assert (start, pfc.num_local) == shard_range(pfc.num_classes, world, rank)
+    pfc.flush()  # host offload: no pending write-back may land on the restored rows
     with torch.no_grad():
         _load_rows(ckpt, index, "weight", pfc.weight.data, start, verify)
         momentum = parts.shard_optimizer.momentum_buffer

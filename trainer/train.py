@@ -55,6 +55,7 @@ from trainer.metrics import (
 )
 from trainer.optim import LRSchedule, ShardSGD, TrainingOptimizer, make_backbone_optimizer
 from trainer.partial_fc import PartialFC
+from trainer.plan import check_fits, plan_for_config
 from trainer.preemption import EXIT_PREEMPTED, Preemption
 
 if TYPE_CHECKING:
@@ -114,8 +115,6 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 def check_supported(cfg: Config) -> None:
     """Refuse settings this version cannot honour yet, instead of ignoring them."""
     unsupported = {
-        "partial_fc.storage": (cfg.partial_fc.storage != "fp32", "16-bit storage is not available yet"),
-        "partial_fc.offload": (cfg.partial_fc.offload != "none", "host offload is not available yet"),
     }
     for key, (bad, why) in unsupported.items():
         if bad:
@@ -177,6 +176,10 @@ def build(cfg: Config, ctx: DistContext, first_epoch: int = 0) -> Run:
             cfg.data.num_classes, cfg.data.num_samples, cfg.data.batch_size, ctx.rank,
             ctx.world_size, cfg.data.image_size, cfg.run.seed, cfg.data.synthetic_mode,
         )
+    plan = plan_for_config(cfg, ctx.world_size, device, ctx.env.local_world_size)
+    if ctx.is_main:
+        log.info("memory plan (per rank; arcshard-plan prints the same):\n%s", plan.table())
+    check_fits(plan)  # the same verdict on every rank: a ConfigError with the numbers
     steps_per_epoch = source.steps_per_epoch // cfg.optim.grad_accum_steps
     if steps_per_epoch < 1 and cfg.run.max_steps == 0:
         raise ConfigError(
@@ -204,6 +207,7 @@ def build(cfg: Config, ctx: DistContext, first_epoch: int = 0) -> Run:
     pfc = PartialFC(
         cfg.data.num_classes, cfg.backbone.embedding_size, sample_rate=cfg.partial_fc.sample_rate,
         margin=margin, seed=cfg.run.seed, device=device, check_inputs=device.type == "cpu",
+        storage=cfg.partial_fc.storage, offload=cfg.partial_fc.offload,
     )
     o = cfg.optim
     optimizer = TrainingOptimizer(

@@ -117,8 +117,9 @@ def world_of_one(tmp_path_factory):
 NUM_CLASSES, DIM = 1003, 16  # odd: shards of unequal size at every world size
 
 
-def _pfc_parts(world_rank_seed=0, momentum=0.9):
-    pfc = PartialFC(NUM_CLASSES, DIM, sample_rate=1.0, margin=CombinedMargin(16.0, 1.0, 0.3, 0.0), seed=3)
+def _pfc_parts(world_rank_seed=0, momentum=0.9, storage="fp32", offload="none"):
+    pfc = PartialFC(NUM_CLASSES, DIM, sample_rate=1.0, margin=CombinedMargin(16.0, 1.0, 0.3, 0.0),
+                    seed=3, storage=storage, offload=offload)
     shard = ShardSGD(pfc, lr=0.5, momentum=momentum, weight_decay=0.0)
     return TrainingParts(torch.nn.Linear(2, 2), pfc, shard)
 
@@ -322,3 +323,43 @@ def test_ckpt_cli_info_verify_and_export(saved_at_world_2, tmp_path, capsys):
     assert "momentum.0000000000-0000000502.bin" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- 16-bit storage
+
+
+def _bf16_save_worker(rank, world, root: str):
+    parts = _pfc_parts(storage="bf16", offload="host")
+    for step in range(2):
+        x, y = _fixed_batch(rank, world)
+        parts.pfc(x + 0.1 * step, y).backward()
+        parts.shard_optimizer.step()
+        parts.shard_optimizer.zero_grad()
+    # the last step's write-back is still pending (offload): save must land it first
+    checkpoint.save(root, parts, TrainState(step=2))
+    parts.pfc.flush()
+    return (_gather_rows(parts.pfc.weight.detach().clone(), world),
+            _gather_rows(parts.shard_optimizer.momentum_buffer.clone(), world))
+
+
+def _bf16_load_worker(rank, world, ckpt: str, storage: str):
+    parts = _pfc_parts(storage=storage)
+    checkpoint.load(ckpt, parts)
+    return (_gather_rows(parts.pfc.weight.detach(), world),
+            _gather_rows(parts.shard_optimizer.momentum_buffer, world))
+
+
+def test_bf16_checkpoint_keeps_bits_and_reshards(tmp_path):
+    """bf16 storage with host offload, saved at world 2: the files hold bf16 rows; loading
+    at world 1 gives the same bits, and into fp32 storage the exact upcast."""
+    root = tmp_path / "checkpoints"
+    weight, momentum = run_world(_bf16_save_worker, 2, str(root))[0]
+    assert weight.dtype == torch.bfloat16
+    ckpt = checkpoint.find_latest(root)
+    assert checkpoint.read_index(ckpt)["classifier_dtype"] == "bfloat16"
+    ((w16, m16),) = run_world(_bf16_load_worker, 1, str(ckpt), "bf16")
+    assert w16.dtype == torch.bfloat16
+    assert torch.equal(w16.view(torch.int16), weight.view(torch.int16))
+    assert torch.equal(m16.view(torch.int16), momentum.view(torch.int16))
+    ((w32, _),) = run_world(_bf16_load_worker, 1, str(ckpt), "fp32")
+    assert w32.dtype == torch.float32 and torch.equal(w32, weight.float())
