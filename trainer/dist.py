@@ -393,12 +393,15 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800) -> DistCont
         env.master_addr,
         env.master_port,
     )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _restart_safe_store(env, timeout)
     dist.init_process_group(
         chosen,
-        init_method="env://",
+        init_method=None if store is not None else "env://",
+        store=store,
         rank=env.rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
     global _joined
     _joined = (env, timeout_s)
@@ -407,6 +410,25 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800) -> DistCont
         _previous_excepthook = sys.excepthook
         sys.excepthook = _report_collective_failure
     return DistContext(env=env, device=device, backend=chosen)
+
+
+def _restart_safe_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun (which hosts the store: TORCHELASTIC_USE_AGENT_STORE=True), the
+    agent's TCPStore with a prefix per restart round; None otherwise (plain env://).
+
+    torchrun keeps one store across the restarts of `--max-restarts`, and env:// in torch
+    2.13 does not prefix the keys per attempt: a restarted worker can then read the gloo
+    address a dead worker of the previous round published and fail with "Connection
+    refused" (seen on every elastic restart here). TORCHELASTIC_RESTART_COUNT names the
+    round, the same on every worker of it.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"/arcshard/attempt_{attempt}", store)
 
 
 # Set by init_distributed (and kept after shutdown: a failure is reported after the
