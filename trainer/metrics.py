@@ -201,7 +201,7 @@ class Metrics:
     The training loop calls `step_done` every optimizer step (host values only),
     `nonfinite_step` for a skipped step and `log_point` where it logs (after the log
     point's host sync). Checkpointing calls `checkpoint_saved`, verification calls
-    `verification`; until they do, those series have no samples. `serve` and
+    `verification`; until the first of each, those series have no samples. `serve` and
     `push_every` make the values visible; `close` stops both after a last push.
     """
 
