@@ -9,7 +9,8 @@ Each phase runs in a fresh gloo group started with torchrun:
            (W' = W: same sharding; W' = 2W: re-sharded), with and without checksums
 The baseline is what arcface_torch does: each rank torch.save()s its own shard tensors
 (weight + momentum) to one file and torch.load()s it back (same world size only; it
-cannot re-shard). Seconds are the slowest rank's, between barriers; MB/s is the
+cannot re-shard). Saves alternate baseline, arcshard, baseline, arcshard and keep each
+one's best. Seconds are the slowest rank's, between barriers; MB/s is the
 classifier bytes of all ranks over that time. `--drop-caches` (root) empties the page
 cache before each load so reads come from the disk, otherwise loads may hit the cache.
 """
@@ -58,23 +59,31 @@ def _worker(spec: dict, out: str) -> None:
 
     if spec["phase"] == "save":
         shard.momentum_buffer.copy_(pfc.weight).mul_(0.1)
-        result["seconds"] = timed(lambda: checkpoint.save(root / "arcshard", parts, TrainState(step=1)))
         base = root / "baseline"
         base.mkdir(exist_ok=True)
 
-        def baseline_save() -> None:
+        def baseline_save(i: int) -> None:
             torch.save({"weight": pfc.weight.data, "momentum": shard.momentum_buffer},
-                       base / f"rank{rank}.pt")
+                       base / f"rank{rank}.{i}.pt")
             os.sync()  # checkpoint.save fsyncs its files; make the baseline durable too
 
-        result["baseline_seconds"] = timed(baseline_save)
+        # Alternate (baseline, ours) twice and keep each one's best: the first large write
+        # of a process is slower on this VM's disk whichever format makes it.
+        ours, theirs = [], []
+        for i in (1, 2):
+            theirs.append(timed(lambda: baseline_save(i)))
+            ours.append(timed(lambda: checkpoint.save(root / "arcshard", parts, TrainState(step=i))))
+        result["seconds"], result["baseline_seconds"] = min(ours), min(theirs)
+        shutil.rmtree(root / "arcshard" / "step-000000001", ignore_errors=True)
+        for i in (1,):
+            (base / f"rank{rank}.{i}.pt").unlink(missing_ok=True)
     elif spec["phase"] == "load":
         ckpt = checkpoint.find_latest(root / "arcshard")
         verify = spec["verify"]
         result["seconds"] = timed(lambda: checkpoint.load(ckpt, parts, verify=verify))
         if spec["baseline"]:
             def baseline_load() -> None:
-                state = torch.load(root / "baseline" / f"rank{rank}.pt", weights_only=True)
+                state = torch.load(root / "baseline" / f"rank{rank}.2.pt", weights_only=True)
                 pfc.weight.data.copy_(state["weight"])
                 shard.momentum_buffer.copy_(state["momentum"])
 

@@ -50,6 +50,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,15 +216,19 @@ def _tensor_bytes(t: Tensor) -> np.ndarray:
 
 
 def _write_rows(path: Path, rows: Tensor, block_rows: int) -> dict[str, Any]:
-    """Write `rows` raw; returns the index entry (bytes, per-block sha256)."""
+    """Write `rows` raw; returns the index entry (bytes, per-block sha256). Each block is
+    hashed on a second thread while it is written (both release the GIL)."""
     tmp = path.with_name(f".{path.name}.tmp")
     row_bytes = rows.shape[1] * rows.element_size()
-    blocks = []
-    with open(tmp, "wb") as f:
+    with open(tmp, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") as pool:
+        hashes = []
         for start in range(0, rows.shape[0], block_rows):
-            data = _tensor_bytes(rows[start : start + block_rows])
-            f.write(memoryview(data))
-            blocks.append(hashlib.sha256(memoryview(data)).hexdigest())
+            if len(hashes) >= 2:  # at most two blocks in flight (host copies of GPU rows)
+                hashes[-2].result()
+            data = memoryview(_tensor_bytes(rows[start : start + block_rows]))
+            hashes.append(pool.submit(lambda d: hashlib.sha256(d).hexdigest(), data))
+            f.write(data)
+        blocks = [h.result() for h in hashes]
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
