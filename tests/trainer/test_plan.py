@@ -17,13 +17,26 @@ from trainer.plan import GIB, PlanInputs, main, make_plan
 DIM, BATCH, RATE = 512, 16, 0.1
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS (VmHWM) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _measure_worker(rank, world, num_classes, storage, offload, steps):
     """Peak RSS growth of this rank over a PartialFC + ShardSGD run (classifier only)."""
     _run(1000, storage, offload, rank, world, 2)  # warm-up: first use of torch's code pages
     base = psutil.Process().memory_info().rss
+    # Reset the peak to the current RSS (Linux: "5" to clear_refs), so that what the
+    # process held while starting up (unpickling, imports) cannot count as the run's peak.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
     _run(num_classes, storage, offload, rank, world, steps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak - base
+    return _peak_rss() - base
 
 
 def _run(num_classes, storage, offload, rank, world, steps):
