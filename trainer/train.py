@@ -112,15 +112,6 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def check_supported(cfg: Config) -> None:
-    """Refuse settings this version cannot honour yet, instead of ignoring them."""
-    unsupported = {
-    }
-    for key, (bad, why) in unsupported.items():
-        if bad:
-            raise ConfigError(f"{key}: {why}; leave it at its default")
-
-
 def _sum_allreduce_hook(group, bucket):  # no annotations: DDP checks them at runtime
     """DDP comm hook: sum the backbone gradients over ranks (default DDP averages).
 
@@ -496,7 +487,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_supported(cfg)
     except ConfigError as exc:
         print(f"arcshard: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
