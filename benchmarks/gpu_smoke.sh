@@ -3,9 +3,10 @@
 #   1. NCCL + cuda devices + bf16 autocast, iresnet50, 200k-class Partial FC at r = 0.1,
 #      synthetic noise data;
 #   2. the same with fp16 autocast + GradScaler;
-#   3. resume on GPU: run 1's output dir continued to step 40 (checkpoint loaded into
+#   3. bf16 class-centre storage with host offload (pinned host memory, side stream);
+#   4. resume on GPU: run 1's output dir continued to step 40 (checkpoint loaded into
 #      CUDA tensors, classifier re-sharded when the GPU count changes);
-#   4. DALI GPU decode (device='mixed') on RecordIO shards built here by arcshard-data
+#   5. DALI GPU decode (device='mixed') on RecordIO shards built here by arcshard-data
 #      from 2,000 generated 112x112 JPEGs, bf16.
 # Uses the python on PATH (it must have a CUDA torch; DALI: pip install -e '.[dali]')
 # unless PYTHON is set. Prints each run's last metrics line and peak device memory;
@@ -34,6 +35,8 @@ train() {  # name, extra overrides...
 synthetic=(data.synthetic_mode=noise data.num_classes=200000 data.num_samples=1000000)
 train bf16 backbone.precision=bf16 "${synthetic[@]}"
 train fp16 backbone.precision=fp16 "${synthetic[@]}"
+train bf16_storage_offload backbone.precision=bf16 "${synthetic[@]}" partial_fc.storage=bf16 \
+    partial_fc.offload=host
 cp -r "$OUT/bf16" "$OUT/bf16_resumed"
 train bf16_resumed backbone.precision=bf16 "${synthetic[@]}" run.max_steps=40
 grep -h "resumed from" "$OUT/bf16_resumed/logs/rank0.log" || { echo "gpu_smoke: no resume" >&2; exit 1; }
