@@ -45,6 +45,7 @@ from trainer import checkpoint
 from trainer.backbones import get_backbone
 from trainer.checkpoint import CheckpointError, TrainingParts, TrainState
 from trainer.config import Config, ConfigError, load_config, save_config
+from trainer.data.errors import DataError
 from trainer.data.recordio_source import make_recordio_source, open_dataset
 from trainer.data.synthetic import SyntheticIdentities
 from trainer.data.torch_loader import TorchRecordIO
@@ -68,6 +69,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_CHECKPOINT = 4
+EXIT_DATA = 5
 # EXIT_PREEMPTED = 75 (trainer.preemption): checkpointed after SIGTERM/SIGUSR1; requeue me
 
 
@@ -94,7 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "checkpoint.resume=auto|never|PATH), backbone.pt. SIGTERM or SIGUSR1: finish "
             "the step, checkpoint, exit 75. Exit codes: 0 done, 2 config error, "
             "3 stopped after run.max_nonfinite non-finite steps in a row, 4 checkpoint "
-            "cannot be loaded, 75 preempted (checkpoint written; rerun to resume)."
+            "cannot be loaded, 5 a bad record in the dataset, 75 preempted (checkpoint "
+            "written; rerun to resume)."
         ),
     )
     parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
@@ -456,6 +459,14 @@ def _log_point(run: Run, state: TrainState, meter: StepMeter, metrics, runlog: R
     )
 
 
+def _data_error_line(exc: DataError) -> str:
+    """The loader's one-line message (a DataLoader worker's re-raise wraps it in the
+    worker's traceback text; its last line is the original)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return last.split("DataError: ", 1)[-1]
+
+
 def resume_point(cfg: Config, ctx: DistContext) -> Path | None:
     """The checkpoint this run starts from (collective: rank 0 first removes interrupted
     saves). The run's own `latest` always wins, so a requeued or restarted job continues
@@ -526,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
         except Preempted as exc:
             log.warning("preempted: %s; exit %d (rerun the same command to resume)", exc, EXIT_PREEMPTED)
             return EXIT_PREEMPTED
+        except DataError as exc:
+            message = _data_error_line(exc)
+            log.error("data error: %s", message)
+            print(f"arcshard: data error (rank {ctx.rank}): {message}", file=sys.stderr)
+            return EXIT_DATA
         if ctx.is_main:
             out = Path(cfg.run.output_dir) / "backbone.pt"
             tmp = out.with_name(out.name + ".tmp")

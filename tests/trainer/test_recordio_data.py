@@ -250,3 +250,25 @@ def test_loader_selection(noise_set, monkeypatch):
     assert isinstance(make("auto"), TorchRecordIO)  # the fallback when DALI is missing
     with pytest.raises(ConfigError, match=r"data.loader: dali is not installed"):
         make("dali")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_bad_label_mid_run_is_one_line_and_exit_5(tmp_path, workers):
+    """A record with an out-of-range label met while training: the trainer prints one line
+    naming the dataset and the fix and exits 5, also from a DataLoader worker."""
+    rng = np.random.default_rng(2)
+    images = [jpeg(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)) for _ in range(8)]
+    write_dataset(tmp_path / "data", images, [0, 1, 2, 0, 1, 7, 2, 0], [8], 3)
+    proc = subprocess.run(
+        [sys.executable, "trainer/train.py", "--config", "trainer/configs/cpu_demo.yaml",
+         f"run.output_dir={tmp_path / 'run'}", "data.source=recordio",
+         f"data.path={tmp_path / 'data'}", "data.num_classes=null", "data.loader=torch",
+         f"data.workers={workers}", "data.batch_size=2", "run.max_steps=8",
+         "backbone.embedding_size=16"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]  # after rank 0's log lines
+    assert line.startswith("arcshard: data error (rank 0): ") and "label 7" in line
+    assert str(tmp_path / "data" / "train-00000.rec") in line and "rebuild the dataset" in line

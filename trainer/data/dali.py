@@ -41,6 +41,8 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from trainer.data.errors import DataError
+
 _READER = "Reader"
 _SHUFFLE_BUFFER = 4096  # records held by the reader's shuffle buffer
 
@@ -153,7 +155,7 @@ class DaliRecordIO:
     def _labels(self, labels: torch.Tensor) -> torch.Tensor:
         """The reader's float labels [B, 1] (host) as int64 [B], checked to be class ids."""
         if labels.numel() != self.batch_size:
-            raise ValueError(
+            raise DataError(
                 f"{self.dataset}: records carry {labels.numel() // self.batch_size} labels each, "
                 "expected one class id; rebuild the dataset with arcshard-data"
             )
@@ -162,7 +164,7 @@ class DaliRecordIO:
         bad = (ids < 0) | (ids >= self.num_classes) | (ids.to(labels.dtype) != labels)
         if bool(bad.any()):
             value = labels[bad][0].item()
-            raise ValueError(
+            raise DataError(
                 f"{self.dataset}: a record has label {value}, not a class id in "
                 f"[0, {self.num_classes}) (manifest num_classes); rebuild the dataset"
             )

@@ -28,6 +28,8 @@ from PIL import Image
 
 from data_tools.recordio import RecordReader, unpack
 
+from trainer.data.errors import DataError
+
 _TAG_ORDER, _TAG_FLIP = 1, 2  # keep the seeds of the two random streams apart
 
 
@@ -152,7 +154,7 @@ class TorchRecordIO:
         where = f"{self.rec_paths[shard]}: record key {key}"
         label = header.label
         if isinstance(label, tuple) or not (0 <= label < self.num_classes and label == int(label)):
-            raise ValueError(
+            raise DataError(
                 f"{where} has label {label!r}, not a class id in [0, {self.num_classes}) "
                 "(manifest num_classes); rebuild the dataset"
             )
@@ -160,7 +162,7 @@ class TorchRecordIO:
             if image.mode != "RGB":
                 image = image.convert("RGB")
             if image.size != (out.shape[1], out.shape[0]):
-                raise ValueError(
+                raise DataError(
                     f"{where} is a {image.size[0]}x{image.size[1]} image, expected "
                     f"{out.shape[1]}x{out.shape[0]}; rebuild the dataset with aligned faces"
                 )
