@@ -234,7 +234,10 @@ def run_row(cfg: dict, mem_limit_gib: float | None, timeout: float) -> dict:
     return finish_row(row, run)
 
 
-CODE_FILES = ("trainer/partial_fc.py", "trainer/optim.py", "trainer/margins.py")
+CODE_FILES = (
+    *sorted(str(p.relative_to(REPO)) for p in (REPO / "trainer" / "partial_fc").glob("*.py")),
+    "trainer/optim.py", "trainer/margins.py",
+)
 
 
 def code_hash() -> str:

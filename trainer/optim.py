@@ -6,24 +6,27 @@ scheduled learning rate on both optimisers, steps the backbone's (SGD or AdamW, 
 the GradScaler when fp16 training uses one) and then the shard's `ShardSGD`, which
 reads only the rows PartialFC sampled (`PartialFC.sampled_grad()`) and writes them back:
 
-    g ← grad + weight_decay · w          (rows sampled this step only)
-    m ← momentum · m + g                 (their momentum only)
+    g ← grad · inv_scale + weight_decay · w     (rows sampled this step only)
+    m ← momentum · m + g                        (their momentum only)
     w ← w − lr · m
 
 For a sampled row this is exactly `torch.optim.SGD(momentum, weight_decay)`; rows that
 were not sampled, and their momentum, are untouched (a dense optimiser would decay them
 and keep moving them with stale momentum). Cost is O(sampled rows · D) per step.
 
-The momentum buffer is stored like the shard (`PartialFC.new_store`: 16-bit and/or on
-the host); rows are read into the compute dtype, updated in fp32 and written back with
-the shard's rounding (`PartialFC.read_rows` / `write_rows`).
+The momentum buffer is a store of the shard's `ShardStorage` (16-bit and/or on the
+host, like the shard); rows are read into the compute dtype, updated in place and
+written back with the shard's rounding, through the storage's `read_rows` / `write_rows`.
+The shard step reads nothing back to the host: the training loop has already checked
+that the step is finite, and the AMP loss scale arrives as a device tensor.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -53,33 +56,30 @@ class ShardSGD:
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
-        self.momentum_buffer: Tensor | None = pfc.new_store() if momentum > 0 else None
+        self.momentum_buffer: Tensor | None = (
+            pfc.storage.new_store(pfc.weight) if momentum > 0 else None
+        )
         self._chunk: Tensor | None = None  # reused gather buffer for momentum rows
 
     @torch.no_grad()
-    def step(self, grad_scale: Tensor | float | None = None) -> bool:
-        """Apply the update; `grad_scale` divides the gradient first (AMP loss scale).
-
-        Returns False, changing nothing, when there is no gradient or it is not finite.
-        """
+    def step(self, inv_scale: Tensor | None = None) -> None:
+        """Apply the update to the sampled rows (nothing without a gradient). `inv_scale`
+        (AMP: 1 / loss scale, a one-element tensor on the compute device) multiplies the
+        gradient first, in place. Reads nothing back to the host: a non-finite step must
+        be skipped by the caller (the training loop checks one flag per step)."""
         sampled = self.pfc.sampled_grad()
         if sampled is None:
-            return False
+            return
         rows, grad = sampled.rows, sampled.grad
-        if grad_scale is not None:
-            grad = grad / grad_scale
-            if not bool(torch.isfinite(grad).all()):
-                return False
-        pfc = self.pfc
-        weight = pfc.weight
-        if rows.numel() == weight.shape[0] and not pfc.copies_rows:
-            self._update(weight, grad, self.momentum_buffer)  # every row: in place
-            return True
+        storage, weight = self.pfc.storage, self.pfc.weight
+        if rows.numel() == weight.shape[0] and not storage.copies_rows:
+            self._update(weight, grad, self.momentum_buffer, inv_scale)  # every row: in place
+            return
         # The rows' weights: forward's private copy when there is one.
         w = sampled.values
         if w is None:
-            w = pfc.read_rows(weight, rows, grad.new_empty(grad.shape), "in_weight")
-        generator = pfc.rounding_generator()
+            w = storage.read_rows(weight, rows, grad.new_empty(grad.shape))
+        generator = storage.rounding_generator(self.pfc.sample_step)
         buf = self.momentum_buffer
         for lo in range(0, rows.numel(), self.CHUNK_ROWS):
             part = slice(lo, lo + self.CHUNK_ROWS)
@@ -88,16 +88,16 @@ class ShardSGD:
                 n = rows[part].numel()
                 if self._chunk is None or self._chunk.shape[0] < n:
                     self._chunk = grad.new_empty(n, grad.shape[1])
-                # named by size: a full chunk and the last, partial one keep their buffers
-                m = pfc.read_rows(buf, rows[part], self._chunk[:n], f"in_momentum{n}")
-            self._update(w[part], grad[part], m)
+                m = storage.read_rows(buf, rows[part], self._chunk[:n])
+            self._update(w[part], grad[part], m, inv_scale)
             if m is not None:
-                pfc.write_rows(buf, rows[part], m, generator, f"out_momentum{lo}")
-        pfc.write_rows(weight, rows, w, generator, "out_weight")
-        return True
+                storage.write_rows(buf, rows[part], m, generator)
+        storage.write_rows(weight, rows, w, generator)
 
-    def _update(self, w: Tensor, g: Tensor, m: Tensor | None) -> None:
-        """SGD on rows in place: g += wd·w; m = momentum·m + g; w −= lr·m."""
+    def _update(self, w: Tensor, g: Tensor, m: Tensor | None, inv_scale: Tensor | None) -> None:
+        """SGD on rows in place: g ·= inv_scale; g += wd·w; m = momentum·m + g; w −= lr·m."""
+        if inv_scale is not None:
+            g.mul_(inv_scale)
         if self.weight_decay:
             g.add_(w, alpha=self.weight_decay)
         if m is not None:
@@ -106,27 +106,6 @@ class ShardSGD:
 
     def zero_grad(self) -> None:
         self.pfc.zero_grad()
-
-    def state_dict(self) -> dict:
-        self.pfc.flush()  # host offload: the last write-back lands in the momentum buffer
-        return {
-            "lr": self.lr,
-            "momentum": self.momentum,
-            "weight_decay": self.weight_decay,
-            "momentum_buffer": self.momentum_buffer,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        buf = state["momentum_buffer"]
-        if (buf is None) != (self.momentum_buffer is None) or (
-            buf is not None and buf.shape != self.momentum_buffer.shape
-        ):
-            raise ValueError("ShardSGD state does not match this shard (momentum buffer shape)")
-        self.lr, self.momentum, self.weight_decay = (
-            state["lr"], state["momentum"], state["weight_decay"]
-        )
-        if buf is not None:
-            self.momentum_buffer.copy_(buf)
 
 
 @dataclass(frozen=True)
@@ -198,32 +177,28 @@ class TrainingOptimizer:
         self.shard.lr = lr
         return lr
 
-    def step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> bool:
+    def step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> None:
         """Update backbone and shard with the learning rate of `step`.
 
-        With an (enabled) GradScaler the caller may already have called
-        `scaler.unscale_(self.backbone)` (e.g. to clip); this calls `scaler.step` and
-        `scaler.update()`, and skips the shard too when the scaler skipped the backbone
-        (it then lowered its scale). Returns whether the update was applied.
+        Call it for finite steps only: the training loop skips a step whose loss or
+        (unscaled) gradient norm is not finite, so nothing here checks again. With an
+        (enabled) GradScaler the caller must already have called
+        `scaler.unscale_(self.backbone)` (the loop does, to clip; `update()` refuses
+        otherwise). The backbone then steps directly: `scaler.step` would only re-check
+        the finiteness the loop already read, with a host read of its own. The shard gets
+        the inverse loss scale as a device tensor (`get_scale()` would be a host read).
         """
         self.set_lr(step)
         if scaler is None or not scaler.is_enabled():
             self.backbone.step()
-            return self.shard.step()
-        scale = scaler.get_scale()
-        scaler.step(self.backbone)
+            self.shard.step()
+            return
+        # The scale the loss was multiplied by; update() may change it in place.
+        inv_scale = scaler._get_scale_async().double().reciprocal().float()  # as unscale_ does
+        self.backbone.step()
         scaler.update()
-        if scaler.get_scale() < scale:  # inf/nan found: backbone step was skipped
-            return False
-        return self.shard.step(grad_scale=scale)
+        self.shard.step(inv_scale)
 
     def zero_grad(self) -> None:
         self.backbone.zero_grad(set_to_none=True)
         self.shard.zero_grad()
-
-    def state_dict(self) -> dict:
-        return {"backbone": self.backbone.state_dict(), "shard": self.shard.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.backbone.load_state_dict(state["backbone"])
-        self.shard.load_state_dict(state["shard"])

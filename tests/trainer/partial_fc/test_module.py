@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from tests.distributed import RankFailed, run_world
 from trainer.margins import CombinedMargin
 from trainer.optim import ShardSGD
-from trainer.partial_fc import PartialFC, init_class_centres, shard_range
+from trainer.partial_fc import PartialFC, shard_range
+from trainer.partial_fc.sharding import init_class_centres
 
 ARCFACE = (64.0, 1.0, 0.5, 0.0)
 COMBINED = (32.0, 1.2, 0.3, 0.1)
@@ -144,42 +145,6 @@ def test_more_positives_than_sample_size_keeps_all_positives():
     # 2 ranks x 12 samples over 40 classes at rate 0.05: ceil(0.05*20) = 1 row, but
     # each rank owns several of the batch's classes.
     run_world(_sampled_worker, 2, 40, 8, 12, 0.05, 2)
-
-
-def _sampling_is_pure_function_worker(rank, world):
-    out = []
-    for seed in (1, 1, 2):
-        pfc = PartialFC(1000, 4, sample_rate=0.05, seed=seed)
-        pfc.sample_step = 5
-        labels = torch.arange(world * 3)
-        pfc(torch.randn(3, 4), labels[rank * 3 : (rank + 1) * 3])
-        out.append(pfc.last_sampled.tolist())
-    return out
-
-
-def test_sampling_is_a_function_of_seed_step_rank():
-    (r0, r1) = run_world(_sampling_is_pure_function_worker, 2)
-    assert r0[0] == r0[1] and r1[0] == r1[1]
-    assert r0[0] != r0[2]
-    assert r0[0] != r1[0]
-
-
-def test_init_is_independent_of_sharding():
-    full = init_class_centres(20000, 0, 20000, 4, 11, torch.float32)
-    for world in (3, 7):
-        parts = [
-            init_class_centres(20000, *shard_range(20000, world, r), 4, 11, torch.float32)
-            for r in range(world)
-        ]
-        assert torch.equal(torch.cat(parts), full)
-
-
-def test_shard_range_covers_every_class_once():
-    for c, w in [(10, 3), (7, 7), (100, 8), (5, 1)]:
-        ranges = [shard_range(c, w, r) for r in range(w)]
-        owned = [k for s, n in ranges for k in range(s, s + n)]
-        assert owned == list(range(c))
-        assert [n for _, n in ranges] == [c // w + (r < c % w) for r in range(w)]
 
 
 BAD_INPUTS = {

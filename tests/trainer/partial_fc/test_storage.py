@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from tests.distributed import run_world
 from trainer.optim import ShardSGD
-from trainer.partial_fc import FP16_MAX, PartialFC, round_to_storage
+from trainer.partial_fc import PartialFC
+from trainer.partial_fc import storage as storage_module
+from trainer.partial_fc.storage import FP16_MAX, ShardStorage, round_to_storage
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -185,3 +187,110 @@ def test_16bit_storage_training_tracks_fp32():
         assert abs((start - end) - (start32 - end32)) <= 0.05 * (start32 - end32), storage
     start, end = start_end(("bf16", "nearest"))
     assert start - end < 0.5 * (start32 - end32), "round-to-nearest was expected to stall"
+
+
+def _bits(*patterns: int) -> torch.Tensor:
+    """fp32 values with the given bit patterns (as unsigned 32-bit integers)."""
+    signed = [p - (1 << 32) if p >= 1 << 31 else p for p in patterns]
+    return torch.tensor(signed, dtype=torch.int32).view(torch.float32)
+
+
+# CUDA's NaN, CPU's default NaN, a NaN with only its lowest mantissa bit set.
+NANS = {"cuda": 0x7FFFFFFF, "cpu": 0xFFC00000, "low_bit": 0x7F800001}
+
+
+@pytest.mark.parametrize("nan", NANS.values(), ids=NANS.keys())
+def test_bf16_stochastic_rounding_keeps_nan_and_inf(nan):
+    """Noise added to the bit pattern must not carry a NaN into the sign bit (→ −0) or
+    truncate it to inf; ±inf stay ±inf. Many draws, so any noise value would show."""
+    x = _bits(nan, 0x7F800000, 0xFF800000).repeat(2000)
+    assert bool(x[0::3].isnan().all())
+    out = round_to_storage(x.clone(), torch.bfloat16, torch.Generator().manual_seed(0))
+    assert bool(out[0::3].isnan().all())
+    assert bool((out[1::3] == float("inf")).all()) and bool((out[2::3] == -float("inf")).all())
+
+
+@pytest.mark.parametrize("nan", NANS.values(), ids=NANS.keys())
+def test_fp16_rounding_refuses_every_nan_pattern(nan):
+    """fp16 cannot store a NaN silently either: every pattern is refused, not rounded."""
+    for gen in (torch.Generator().manual_seed(0), None):
+        with pytest.raises(FloatingPointError, match="outside the fp16 range"):
+            round_to_storage(_bits(nan).repeat(100), torch.float16, gen)
+
+
+@pytest.mark.parametrize("offload", ["none", "host"])
+def test_bf16_store_keeps_a_written_nan(offload):
+    storage = ShardStorage(compute_dtype=torch.float32, compute_device=torch.device("cpu"),
+                           kind="bf16", offload=offload)
+    store = storage.new_store(torch.empty(50, 4))
+    values = torch.ones(50, 4)
+    values[7, 2] = _bits(NANS["cuda"])[0]
+    storage.write_rows(store, torch.arange(50), values, storage.rounding_generator(0))
+    storage.flush()
+    assert store.dtype == torch.bfloat16 and bool(store[7, 2].isnan())
+    assert int(store.isnan().sum()) == 1
+
+
+class _FakeEvent:
+    """Stands in for a CUDA event: records when the host waits for it."""
+
+    def __init__(self, waits: list, index: int) -> None:
+        self.waits, self.index = waits, index
+
+    def synchronize(self) -> None:
+        self.waits.append(self.index)
+
+
+def test_offloaded_reads_alternate_two_staging_buffers(monkeypatch):
+    """Chunk i's gather may only wait for the copy of chunk i−2 (the last one that used
+    its buffer), never for chunk i−1's: the copies pipeline with the host gathers."""
+    monkeypatch.setattr(storage_module, "ROW_CHUNK", 4)
+    storage = ShardStorage(compute_dtype=torch.float32, compute_device=torch.device("cpu"),
+                           kind="bf16", offload="host")
+    waits, copies = [], []
+
+    def fake_copy(dst, src, wait):
+        dst.copy_(src)
+        copies.append(_FakeEvent(waits, len(copies)))
+        return copies[-1]
+
+    monkeypatch.setattr(storage, "_copy", fake_copy)
+    store = torch.randn(40, 3).to(torch.bfloat16)
+    rows = torch.tensor([1, 4, 5, 9, 11, 12, 20, 21, 22, 30, 33, 34, 35, 39])  # 4 chunks
+    out = storage.read_rows(store, rows, torch.empty(rows.numel(), 3))
+    assert torch.equal(out, store[rows].float())
+    assert len(copies) == 4 and waits == [0, 1]
+
+
+def _small_chunk_offload_worker(rank, world, steps):
+    """{(storage, offload): (losses, weight, momentum)} with chunks of 5 rows, so reads
+    and writes span several alternating staging buffers."""
+    storage_module.ROW_CHUNK = 5
+    out = {}
+    for storage in ("fp32", "bf16", "fp16"):
+        for offload in ("none", "host"):
+            pfc = PartialFC(600, 8, sample_rate=0.1, seed=3, storage=storage, offload=offload)
+            opt = ShardSGD(pfc, lr=0.5, momentum=0.9, weight_decay=5e-4)
+            opt.CHUNK_ROWS = 7  # momentum chunks that straddle the storage's chunks
+            losses = []
+            for step in range(steps):
+                g = torch.Generator().manual_seed(100 * step + rank)
+                x = torch.randn(4, 8, generator=g).requires_grad_()
+                loss = pfc(x, torch.randint(0, 600, (4,), generator=g))
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            pfc.flush()
+            out[storage, offload] = (
+                losses, pfc.weight.detach().clone(), opt.momentum_buffer.clone()
+            )
+    return out
+
+
+def test_double_buffered_offload_equals_no_offload_bit_for_bit():
+    for result in run_world(_small_chunk_offload_worker, 2, 6):
+        for storage in ("fp32", "bf16", "fp16"):
+            (l0, w0, m0), (l1, w1, m1) = result[storage, "none"], result[storage, "host"]
+            assert l0 == l1, storage
+            assert torch.equal(w0, w1) and torch.equal(m0, m1), storage
