@@ -97,7 +97,7 @@ def export_command(args: argparse.Namespace) -> int:
     from deploy.images import UnreadableImage, expand_paths, load_face
     from deploy.model_card import training_provenance, write_card
     from deploy.onnx_export import COSINE_BOUND, INPUT_NAME, OUTPUT_NAME, export_onnx
-    from trainer.checkpoint import load_backbone
+    from trainer.checkpoint.backbone import load_backbone
     from trainer.evaluation.embedder import INPUT_SIZE, preprocess
 
     if args.out.suffix.lower() != ".onnx":

@@ -97,7 +97,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def training_provenance(source: str | os.PathLike[str], cfg: Any) -> Provenance:
-    """Provenance of the backbone `trainer.checkpoint.load_backbone(source)` returned
+    """Provenance of the backbone `trainer.checkpoint.backbone.load_backbone(source)` returned
     with config `cfg`: the step from the checkpoint's index (or the last logged step of
     a finished run without checkpoints), verification numbers from the run's
     `metrics.jsonl` up to that step."""

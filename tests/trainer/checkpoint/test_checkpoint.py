@@ -1,7 +1,7 @@
 """Checkpoints: exact resume, re-sharding to other world sizes, integrity, config checks.
 
 Real gloo groups (tests.distributed.run_world); the training runs here call the library
-(`trainer.train.build` / `train`) so a test can record what every step sampled.
+(`trainer.run.build` / `trainer.loop.train`) so a test can record what every step sampled.
 """
 
 import shutil
@@ -11,15 +11,14 @@ import pytest
 import torch
 
 from tests.distributed import run_world
+from tests.trainer.checkpoint.parts import DIM, NUM_CLASSES
+from tests.trainer.checkpoint.parts import pfc_parts as _pfc_parts
 from trainer import checkpoint
-from trainer.checkpoint import CheckpointError, TrainingParts, TrainState
+from trainer.checkpoint import CheckpointError, TrainState, loading
 from trainer.config import load_config
 from trainer.dist import DistContext, DistEnv
-from trainer.margins import CombinedMargin
-from trainer.optim import ShardSGD
-from trainer.partial_fc import PartialFC
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY = [
     "backbone.name=mobilefacenet", "backbone.embedding_size=32", "backbone.channels_last=false",
     "data.num_classes=40", "data.batch_size=4", "data.num_samples=56",
@@ -46,7 +45,9 @@ def _final(run):
 
 
 def _resume_worker(rank, world, base: str, steps: int, stop_at: int):
-    from trainer.train import build, resume_point, train
+    from trainer.checkpoint import resume_point
+    from trainer.loop import train
+    from trainer.run import build
 
     def cfg_for(name):
         return load_config(
@@ -76,7 +77,7 @@ def _resume_worker(rank, world, base: str, steps: int, stop_at: int):
     with pytest.raises(_Stop):
         train(run, on_step=recorder(resumed))
     stop = False
-    start = resume_point(cfg, ctx)
+    start = resume_point(cfg, ctx.is_main)
     run = build(cfg, ctx, checkpoint.read_index(start)["train_state"]["epoch"])  # a fresh process's objects
     state = checkpoint.load(start, run.parts, config=cfg)
     loaded_at = state.step
@@ -105,23 +106,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
 # --------------------------------------------------------------------------- re-sharding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one(tmp_path_factory):
-    """A gloo group of 1 in the test process, for the tests that build a PartialFC here."""
-    store = torch.distributed.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
-    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
-
-
-NUM_CLASSES, DIM = 1003, 16  # odd: shards of unequal size at every world size
-
-
-def _pfc_parts(world_rank_seed=0, momentum=0.9, storage="fp32", offload="none"):
-    pfc = PartialFC(NUM_CLASSES, DIM, sample_rate=1.0, margin=CombinedMargin(16.0, 1.0, 0.3, 0.0),
-                    seed=3, storage=storage, offload=offload)
-    shard = ShardSGD(pfc, lr=0.5, momentum=momentum, weight_decay=0.0)
-    return TrainingParts(torch.nn.Linear(2, 2), pfc, shard)
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 def _fixed_batch(rank, world, total=48):
@@ -191,13 +176,13 @@ def test_each_rank_reads_only_its_rows(saved_at_world_2, monkeypatch):
     root, _ = saved_at_world_2
     ckpt = checkpoint.find_latest(root)
     read = []
-    original = checkpoint._load_rows
+    original = loading._load_rows
 
     def spy(ckpt_, index, kind, dst, start, verify):
         read.append((kind, start, start + dst.shape[0]))
         return original(ckpt_, index, kind, dst, start, verify)
 
-    monkeypatch.setattr(checkpoint, "_load_rows", spy)
+    monkeypatch.setattr(loading, "_load_rows", spy)
     # world 1: the one rank reads all 1003 rows; world 4 rank 3 would read [753, 1003)
     parts = _pfc_parts()
     checkpoint.load(ckpt, parts)
@@ -305,7 +290,7 @@ def test_shape_changing_config_is_refused_and_others_logged(tmp_path, caplog):
 
 
 def test_ckpt_cli_info_verify_and_export(saved_at_world_2, tmp_path, capsys):
-    from trainer.checkpoint_cli import main
+    from trainer.cli.ckpt import main
 
     ckpt = _copy_ckpt(saved_at_world_2, tmp_path)
     assert main(["info", str(tmp_path)]) == 0  # a run dir: follows checkpoints/latest

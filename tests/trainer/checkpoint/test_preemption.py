@@ -18,7 +18,7 @@ import torch
 
 from tests.distributed import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 STEPS, EVERY = 16, 4
 TINY = [
     "backbone.name=mobilefacenet", "backbone.embedding_size=32", "backbone.channels_last=false",

@@ -1,39 +1,33 @@
 """`arcshard-ckpt`: look into checkpoints and take the backbone out of one.
 
     arcshard-ckpt info PATH                    step, world size, classes, sizes, integrity
-    arcshard-ckpt verify PATH                  check every file's checksum (exit 1 if damaged)
+    arcshard-ckpt verify PATH                  check every file's checksum, and that its .pt
+                                               files hold only tensors (exit 1 if damaged)
     arcshard-ckpt export-backbone PATH OUT.pt  backbone weights only (a state_dict)
 
 PATH is a run output dir (its `checkpoints/latest`), a `checkpoints` dir or one
 `step-N` directory. Re-sharding needs no command: a checkpoint saved at any world size
-loads at any other (trainer/checkpoint.py).
+loads at any other (trainer/checkpoint/).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from data_tools.atomic import write_atomic_with
+from trainer import exit_codes
 from trainer.checkpoint import (
     BEST, LATEST, CheckpointError, complete_checkpoints, read_index, read_replicated, resolve,
     verify_all,
 )
+from trainer.checkpoint.files import human_size
 
-EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
+EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = exit_codes.OK, exit_codes.FAILED, exit_codes.USAGE
 
 
 def info(path: Path, check: bool, as_json: bool) -> int:
@@ -54,6 +48,7 @@ def info(path: Path, check: bool, as_json: bool) -> int:
         "classifier_dtype": index["classifier_dtype"],
         "backbone": index["backbone"],
         "created": index["created"],
+        "run_id": index.get("run_id"),  # None: saved before run ids were recorded
         "files": len(files),
         "bytes": total,
         "classifier_bytes": classifier,
@@ -70,12 +65,13 @@ def info(path: Path, check: bool, as_json: bool) -> int:
         print(f"checkpoint      {ckpt}")
         print(f"step            {index['step']} (epoch {state.get('epoch', '?')}, batch "
               f"{state.get('batch_in_epoch', '?')} of it)")
-        print(f"saved by        {index['world_size']} ranks, {index['created']}")
+        run = f", run {facts['run_id']}" if facts["run_id"] else ""
+        print(f"saved by        {index['world_size']} ranks, {index['created']}{run}")
         print(f"model           {index['backbone']}, {index['num_classes']} classes x "
               f"{index['embedding_size']} ({index['classifier_dtype']}"
               f"{', with momentum' if facts['momentum'] else ''})")
-        print(f"size            {_size(total)} in {len(files)} files "
-              f"(classifier {_size(classifier)})")
+        print(f"size            {human_size(total)} in {len(files)} files "
+              f"(classifier {human_size(classifier)})")
         print(f"pointers        latest -> {facts['latest']}, best -> {facts['best']}")
         if facts["others"]:
             print(f"also complete   {', '.join(facts['others'])}")
@@ -94,15 +90,7 @@ def export_backbone(path: Path, out: Path) -> int:
     ckpt = resolve(path)
     index = read_index(ckpt)
     state = read_replicated(ckpt, index)["backbone"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic_with(out, lambda f: torch.save(state, f))
     params = sum(t.numel() for t in state.values() if t.is_floating_point())
     print(f"wrote {out}: {index['backbone']} backbone of step {index['step']} "
           f"({len(state)} tensors, {params / 1e6:.2f} M values), embedding size "
@@ -115,15 +103,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="arcshard-ckpt",
         description=__doc__.split("\n\n")[0],
         epilog="PATH: a run output dir (uses checkpoints/latest), a checkpoints dir, or a "
-        "step-N checkpoint dir. Exit codes: 0 ok, 1 damaged checkpoint, 2 bad arguments or "
-        "unreadable checkpoint.",
+        "step-N checkpoint dir. Exit codes: 0 ok, 1 damaged checkpoint (a file that fails its "
+        "checksum, or a .pt file that would unpickle more than tensors and plain data), 2 bad "
+        "arguments or unreadable checkpoint.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="step, world size, classes, sizes and integrity")
     p.add_argument("path", type=Path, metavar="PATH")
     p.add_argument("--no-verify", action="store_true", help="skip the checksums (fast)")
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
-    p = sub.add_parser("verify", help="check every file's size and sha256 (exit 1 if damaged)")
+    p = sub.add_parser("verify", help="check every file's size and sha256, and that its .pt files "
+                       "hold only tensors and plain data (exit 1 if not)")
     p.add_argument("path", type=Path, metavar="PATH")
     p = sub.add_parser(
         "export-backbone", help="write the backbone's weights (a state_dict) for deployment"

@@ -1,0 +1,24 @@
+"""What a checkpoint saves and restores: the training objects of one rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer.config import Config
+from trainer.optim import ShardSGD
+from trainer.partial_fc import PartialFC
+
+
+@dataclass
+class TrainingParts:
+    """The objects a checkpoint saves and restores."""
+
+    module: nn.Module  # the backbone, without its DDP wrapper
+    pfc: PartialFC
+    shard_optimizer: ShardSGD
+    backbone_optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    config: Config | None = None
