@@ -11,16 +11,16 @@ torch thread per rank, ranks started the way torchrun starts them and joined thr
 own. Data: `SyntheticIdentities(mode="noise")` rendered in the training process
 (data.workers=0), so making a batch counts as data wait. A step is data fetch + forward
 + backward (DDP all-reduce included) + gradient clipping and the finite check (the
-step's one host read, as in `trainer.train.train`) + optimizer step + zero_grad; the
+step's one host read, as in `trainer.loop.train_step`) + optimizer step + zero_grad; the
 ranks meet at a barrier (not timed) before each step; a step takes as long as its
 slower rank; the table shows the median over the timed steps.
 
 Heads:
   none    backbone only: loss = embeddings.square().mean(), so backward runs through
           the backbone and nothing else. The reference step time.
-  pfc<r>  arcshard: `trainer.train.build` (DDP backbone with the summing comm hook,
+  pfc<r>  arcshard: `trainer.run.build` (DDP backbone with the summing comm hook,
           PartialFC at sample_rate r, ShardSGD, TrainingOptimizer) and
-          `trainer.train.forward_backward`, unchanged. pfc0.1 and pfc1 by default.
+          `trainer.loop.forward_backward`, unchanged. pfc0.1 and pfc1 by default.
   dp      plain data parallelism: a replicated nn.Linear(D, classes, bias=False) over
           all classes and softmax cross-entropy (no margin; the margin is a few
           elementwise ops on B x classes logits) on the local batch, inside the same
@@ -143,7 +143,7 @@ def _make_plain(spec: dict, cfg, ctx, timeline: _Timeline):
     from trainer.backbones import get_backbone
     from trainer.data.synthetic import SyntheticIdentities
     from trainer.optim import make_backbone_optimizer
-    from trainer.train import _sum_allreduce_hook
+    from trainer.run import _sum_allreduce_hook
 
     world = ctx.world_size
 
@@ -196,7 +196,7 @@ def _make_plain(spec: dict, cfg, ctx, timeline: _Timeline):
     timeline.install(backbone, head)
     ddp.train()
 
-    def forward_backward(images, labels):  # trainer.train.forward_backward, fp32, no accumulation
+    def forward_backward(images, labels):  # trainer.loop.forward_backward, fp32, no accumulation
         images = images.to(device, non_blocking=True)
         if cfg.backbone.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -221,8 +221,9 @@ def _make_plain(spec: dict, cfg, ctx, timeline: _Timeline):
 
 
 def _make_pfc(spec: dict, cfg, ctx, timeline: _Timeline):
-    """arcshard's step: `trainer.train.build` and `forward_backward`, unchanged."""
-    from trainer.train import build, forward_backward
+    """arcshard's step: `trainer.run.build` and `trainer.loop.forward_backward`, unchanged."""
+    from trainer.loop import forward_backward
+    from trainer.run import build
 
     run = build(cfg, ctx)
     run.optimizer.shard.step = timeline.timed(run.optimizer.shard.step)  # time it, same call
@@ -247,11 +248,9 @@ def worker(spec: dict, out_path: str) -> None:
 
     from trainer.config import load_config
     from trainer.dist import init_distributed, shutdown
-    from trainer.train import check_supported
 
     torch.set_num_threads(spec["threads"])
     cfg = load_config(None, config_overrides(spec))
-    check_supported(cfg)
     ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     try:
         timeline = _Timeline()

@@ -13,11 +13,13 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from trainer import exit_codes
+
 __all__ = ["EXIT_ERROR", "EXIT_OK", "non_negative_int", "positive_int", "run_reporting_errors"]
 
-EXIT_OK = 0
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_OK = exit_codes.OK
+EXIT_ERROR = exit_codes.USAGE
+EXIT_INTERRUPTED = exit_codes.INTERRUPTED
 
 
 def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:

@@ -19,7 +19,13 @@ and their monitoring (`torch.distributed.run`). `launch/train.sh` and
   killed by the signal this launcher forwarded (it arrived before the trainer installed
   its handler; the newest checkpoint is still `latest`), and the others did the same
   or were stopped by torchrun afterwards (SIGTERM, then SIGKILL).
-  0 when every worker succeeded, otherwise 1 like torchrun.
+* **The workers' documented exit code is passed through** (plain torchrun turns every
+  failure into 1): 2 config error, 3 non-finite stop, 4 checkpoint error, 5 data error,
+  so a script or SLURM can tell "fix the config" from "requeue me" (75) from "crashed"
+  (1). The code is the one documented code the failed workers exited with; the other
+  workers may have crashed in their next collective (1) or been stopped by torchrun.
+  One line says so instead of torchrun's ChildFailedError report, which is printed
+  only for a crash. 0 when every worker succeeded.
 
 Keep `--max_restarts 0` for preemptible jobs: torchrun would otherwise restart workers
 that exit 75, and the restarted group would run on until the scheduler kills it.
@@ -35,7 +41,14 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
-EXIT_PREEMPTED = 75  # trainer.preemption.EXIT_PREEMPTED (not imported: no trainer on the path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
+from trainer import exit_codes  # noqa: E402  (imports nothing but constants)
+
+EXIT_PREEMPTED = exit_codes.PREEMPTED
+DOCUMENTED = {
+    code: text for code, text in exit_codes.TRAINER.items()
+    if code not in (exit_codes.OK, exit_codes.PREEMPTED)
+}
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 
 _received: list[int] = []
@@ -78,6 +91,22 @@ def preempted(exit_codes: list[int], received: list[int]) -> bool:
     return bool(by_signal & set(exit_codes)) and set(exit_codes) <= by_signal | stopped_by_torchrun
 
 
+def passed_code(exit_codes_: list[int], received: list[int]) -> int:
+    """The launcher's exit code for failed workers with these exit codes (in order of
+    failure): 75 for a preemption, the workers' documented code when they agree on one
+    (others crashed or were stopped after it), else the first documented one, else 1."""
+    if preempted(exit_codes_, received):
+        return EXIT_PREEMPTED
+    documented = [code for code in exit_codes_ if code in DOCUMENTED]
+    return documented[0] if documented else exit_codes.FAILED
+
+
+def _failures_in_order(exc: ChildFailedError) -> list[tuple[int, int]]:
+    """(rank, exit code) of every failed worker, earliest failure first."""
+    failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+    return [(rank, failure.exitcode) for rank, failure in failures]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     handled = [s.strip() for s in args.signals_to_handle.split(",")]
@@ -89,18 +118,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        codes = [failure.exitcode for failure in exc.failures.values()]
-        print(exc.format_msg(), file=sys.stderr)
-        if preempted(codes, _received):
+        failures = _failures_in_order(exc)
+        codes = [code for _, code in failures]
+        code = passed_code(codes, _received)
+        if code == EXIT_PREEMPTED:
             names = ", ".join(sorted({signal.Signals(s).name for s in _received})) or "a signal"
             print(
                 f"node_launcher: workers stopped after {names} (exit codes {sorted(set(codes))}): "
                 f"exit {EXIT_PREEMPTED}, rerun to resume from the checkpoint",
                 file=sys.stderr,
             )
-            return EXIT_PREEMPTED
-        return 1
-    return 0
+        elif code in DOCUMENTED:
+            ranks = ", ".join(f"rank {rank} exit {c}" for rank, c in failures)
+            print(f"node_launcher: workers failed ({ranks}): exit {code}, {DOCUMENTED[code]} "
+                  "(the workers' own lines above say why)", file=sys.stderr)
+        else:
+            print(exc.format_msg(), file=sys.stderr)
+        return code
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

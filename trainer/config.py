@@ -111,6 +111,9 @@ class BackboneConfig:
     dropout: float = _bounded(0.0, ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     channels_last: bool = True
+    # torch.compile the backbone's forward (nn.Module.compile, in place: state_dict keys,
+    # checkpoints and ONNX export stay the eager module's); the classifier stays eager
+    compile: bool = False
 
 
 @dataclass
@@ -423,3 +426,21 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+# Config keys whose change makes a checkpoint unusable: they fix tensor shapes.
+SHAPE_KEYS = ("data.num_classes", "backbone.embedding_size", "backbone.name")
+
+
+def config_changes(saved: Config, current: Config) -> tuple[list[str], list[str]]:
+    """(shape-changing differences, other differences) as 'key: old -> new' lines: a
+    resume refuses the first kind (the tensors would not fit) and logs the second."""
+    old, new = saved.to_dict(), current.to_dict()
+    shape, other = [], []
+    for section, values in new.items():
+        for key, value in values.items():
+            before = old.get(section, {}).get(key)
+            if before != value:
+                name = f"{section}.{key}"
+                (shape if name in SHAPE_KEYS else other).append(f"{name}: {before!r} -> {value!r}")
+    return shape, other

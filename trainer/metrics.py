@@ -1,14 +1,5 @@
-"""Run metrics: rank-prefixed log files, rank-0 progress lines, `metrics.jsonl`, and a
-Prometheus exporter on every rank.
-
-Every rank logs to `OUTPUT/logs/rank{R}.log`; rank 0 also prints progress to stderr.
-Rank 0 appends one JSON object per logged step to `OUTPUT/metrics.jsonl` with at least
-`step`, `epoch`, `loss`, `lr`, `samples_per_sec`, `data_wait_frac`, `grad_norm`,
-`nonfinite_total`, `time` (seconds since start), and per rank (index = rank)
-`samples_per_sec_per_rank`, `data_wait_frac_per_rank`.
-
-Step values stay on the device between log points (`StepMeter.add` does no host read);
-`StepMeter.read` syncs once per `log_every` steps.
+"""The Prometheus exporter of every rank (`trainer.telemetry` drives it with the
+rank logs and metrics.jsonl).
 
 Prometheus (`Metrics`, one dedicated registry per process): every rank serves
 `/metrics` on `metrics.port + LOCAL_RANK` (0 disables; a busy port is a warning, the run
@@ -23,151 +14,21 @@ read to the step.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import os
 import socket
-import sys
 import threading
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import push_to_gateway, start_http_server
-from torch import Tensor
 
 if TYPE_CHECKING:
     from trainer.config import Config
     from trainer.dist import DistContext
 
 log = logging.getLogger(__name__)
-
-
-def setup_logging(output_dir: str | os.PathLike[str], rank: int) -> Path:
-    """Send `logging` to OUTPUT/logs/rank{R}.log (all ranks) and to stderr (rank 0)."""
-    log_dir = Path(output_dir) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / f"rank{rank}.log"
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(fmt)
-    root.addHandler(file_handler)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
-    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    root.addHandler(console)
-    return path
-
-
-@dataclass
-class StepMeter:
-    """Accumulates per-step values between two log points without host syncs."""
-
-    loss_sum: Tensor | None = None
-    grad_norm: Tensor | None = None
-    steps: int = 0
-    samples: int = 0
-    data_wait: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
-
-    def add(self, loss: Tensor, grad_norm: Tensor | None, samples: int, data_wait: float) -> None:
-        loss = loss.detach().float()
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-        if grad_norm is not None:
-            self.grad_norm = grad_norm.detach().float()
-        self.steps += 1
-        self.samples += samples
-        self.data_wait += data_wait
-
-    def read(self) -> dict[str, float]:
-        """Window averages (one host read), then start a new window."""
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        out = {
-            "loss": float(self.loss_sum) / self.steps if self.steps else float("nan"),
-            "grad_norm": float(self.grad_norm) if self.grad_norm is not None else float("nan"),
-            "samples_per_sec": self.samples / elapsed,
-            "data_wait_frac": min(1.0, self.data_wait / elapsed),
-        }
-        self.__init__()  # type: ignore[misc]
-        return out
-
-
-class RunLog:
-    """Rank 0's progress line and metrics.jsonl; a no-op on the other ranks."""
-
-    def __init__(
-        self, output_dir: str | os.PathLike[str], is_main: bool, total_steps: int, first_step: int = 0
-    ) -> None:
-        """Appends to `output_dir/metrics.jsonl` (a resumed run continues it); `first_step`:
-        the step this process started from (for the ETA)."""
-        self.is_main = is_main
-        self.total_steps = total_steps
-        self.first_step = first_step
-        self.start = time.perf_counter()
-        self.path = Path(output_dir) / "metrics.jsonl"
-        if is_main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8") if is_main else None
-
-    def write(self, step: int, epoch: int, lr: float, values: dict[str, float], **extra) -> None:
-        if not self.is_main:
-            return
-        elapsed = time.perf_counter() - self.start
-        record = {"step": step, "epoch": epoch, "lr": lr, **values, **extra, "time": elapsed}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        eta = (self.total_steps - step) * elapsed / max(step - self.first_step, 1)
-        log.info(
-            "step %d/%d  epoch %d  loss %.4f  lr %.5f  %.1f img/s  data-wait %.0f%%  eta %s",
-            step, self.total_steps, epoch, values["loss"], lr, values["samples_per_sec"],
-            100 * values["data_wait_frac"], _duration(eta),
-        )
-
-    def record(self, record: dict) -> None:
-        """Append one JSON object (e.g. evaluation results) to metrics.jsonl (rank 0)."""
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def memory_summary(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"peak device memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-    import resource
-
-    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
-
-
-def gather_per_rank(values: Sequence[float], device: torch.device) -> list[list[float]]:
-    """`values` of every rank, indexed by rank: one tiny all-gather plus one host read.
-
-    A collective: every rank must call it at the same point. Meant for log points, where
-    the step has already synced (`StepMeter.read`).
-    """
-    local = torch.tensor(list(values), dtype=torch.float64, device=device)
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local)
-    return torch.stack(parts).tolist()
 
 
 # Histogram buckets (seconds): a step takes milliseconds on big GPUs and seconds on a

@@ -47,11 +47,13 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+from trainer import exit_codes
+
 GIB = 1024**3
 STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 COMPUTE_BYTES = 4
 CHUNK_ROWS = 4096  # trainer.optim.ShardSGD.CHUNK_ROWS (momentum rows per update chunk)
-ROW_CHUNK = 4096  # trainer.partial_fc.ROW_CHUNK (rows per 16-bit conversion / rounding)
+ROW_CHUNK = 4096  # trainer.partial_fc.storage.ROW_CHUNK (rows per 16-bit conversion / rounding)
 ROW_DOT_CHUNK = 8192  # rows per chunk of partial_fc._row_dot (a [chunk, D] product)
 ROUNDING_BYTES = {"fp32": 0, "bf16": 8, "fp16": 19}  # per value of one chunk, see above
 IMAGE_VALUES = 3 * 112 * 112
@@ -339,6 +341,17 @@ def check_fits(plan: Plan) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
+def gib(text: str) -> float:
+    """An argparse type: a memory size in GiB, finite and > 0 (inf, nan, -1 refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of GiB above 0, e.g. 80")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="arcshard-plan",
@@ -350,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--num-classes", type=int, required=True)
     p.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) in total")
-    p.add_argument("--device-memory", type=float, required=True, metavar="GIB",
+    p.add_argument("--device-memory", type=gib, required=True, metavar="GIB",
                    help="memory of one device (GiB)")
     p.add_argument("--embedding-size", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=128, help="per rank")
@@ -359,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"{', '.join(ACTIVATION_BYTES_PER_IMAGE)} or none (classifier only)")
     p.add_argument("--storage", choices=tuple(STORAGE_BYTES), default="fp32")
     p.add_argument("--offload", choices=("none", "host"), default="none")
-    p.add_argument("--host-memory", type=float, default=None, metavar="GIB",
+    p.add_argument("--host-memory", type=gib, default=None, metavar="GIB",
                    help="host memory per rank (GiB); default: not checked")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda (default) or cpu (then host memory is the device's)")
@@ -383,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--{name.replace('_', '-')}: {why}")
     plan = make_plan(inputs)
     print(plan.table())
-    return 0 if plan.fits else 3
+    return exit_codes.OK if plan.fits else exit_codes.DOES_NOT_FIT
 
 
 if __name__ == "__main__":

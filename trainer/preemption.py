@@ -5,7 +5,7 @@ Schedulers announce the end of a job with a signal: SLURM sends the one named by
 preemption), torchrun forwards SIGTERM to its workers when it is itself stopped. The
 handler only records the signal; the training loop polls `requested` once per step,
 agrees with the other ranks (a MAX all-reduce, so one signalled rank is enough), finishes
-the step, writes a checkpoint and exits with `EXIT_PREEMPTED` (75, EX_TEMPFAIL: "try
+the step, writes a checkpoint and exits with `exit_codes.PREEMPTED` (75, EX_TEMPFAIL: "try
 again later"), which the SLURM scripts turn into a requeue.
 
 A second signal while the checkpoint is being written is recorded and otherwise ignored,
@@ -22,7 +22,6 @@ from types import FrameType
 
 log = logging.getLogger("trainer.preemption")
 
-EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

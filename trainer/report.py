@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
-EXIT_ERROR = 2
+from trainer import exit_codes
+
 PANELS = ("loss", "learning rate", "samples/s per rank", "data wait % per rank",
           "verification accuracy")
 FIGSIZE, DPI = (10.0, 13.0), 100  # inches, dots per inch: a 1000 x 1300 pixel PNG
@@ -52,11 +52,15 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            if number == len(lines) and not text.endswith("\n"):
-                break  # the last line of a run killed while writing it
-            raise ReportError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+            # A run killed mid-write leaves a cut-off line (one the trainer appended to
+            # before it learnt to truncate it on resume): skip it, keep the rest.
+            print(f"arcshard-report: warning: {path}: line {number} is not JSON ({exc.msg}); "
+                  "skipped", file=sys.stderr)
+            continue
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise ReportError(f"{path}: line {number} has no integer 'step'")
+            print(f"arcshard-report: warning: {path}: line {number} has no integer 'step'; "
+                  "skipped", file=sys.stderr)
+            continue
         # A repeated step restarts the records of its kind (evaluation records share their
         # step with the step record logged just before them).
         kind = "eval" in record
@@ -188,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         fig.savefig(out, format="png")
     except ReportError as exc:
         print(f"arcshard-report: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_codes.USAGE
     print(f"wrote {out}")
-    return EXIT_OK
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tests.distributed import free_port
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SH = str(REPO / "launch" / "train.sh")
 sys.path.insert(0, str(REPO / "launch"))
-from node_launcher import EXIT_PREEMPTED, preempted  # noqa: E402
+from node_launcher import EXIT_PREEMPTED, passed_code, preempted  # noqa: E402
 
 TINY = [
     "--config", str(REPO / "trainer/configs/cpu_demo.yaml"), "backbone.embedding_size=32",
@@ -132,6 +132,34 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits_75(tmp_path):
 )
 def test_exit_code_rule(codes, received, expected):
     assert preempted(codes, received) is expected
+
+
+@pytest.mark.parametrize(
+    "codes, received, expected",
+    [
+        ([2, 2], [], 2),  # a config error on every rank
+        ([5, 1], [], 5),  # a data error on one rank; the other crashed in its collective
+        ([1, 5], [], 5),
+        ([4, -signal.SIGTERM], [], 4),  # torchrun stopped the other one
+        ([1, -signal.SIGTERM], [], 1),  # a crash
+        ([-signal.SIGKILL], [], 1),
+        ([75, 75], [signal.SIGUSR1], 75),
+        ([1, 75], [signal.SIGUSR1], 1),
+    ],
+)
+def test_launcher_passes_the_workers_code_through(codes, received, expected):
+    assert passed_code(codes, received) == expected
+
+
+def test_config_error_under_the_launcher_is_exit_2_in_one_line(tmp_path):
+    """Plain torchrun would turn the workers' 2 into 1 and print its ChildFailedError
+    report; scripts and SLURM must be able to tell 'fix the config' from 'crashed'."""
+    proc = _start(tmp_path / "run", "optim.lr=-1", NPROC_PER_NODE="2")
+    output = _finish([proc], timeout=120)[0]
+    assert proc.returncode == 2, output[-3000:]
+    assert "arcshard: config error: optim.lr" in output
+    assert "node_launcher: workers failed (" in output and "exit 2, config error" in output
+    assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
 
 
 def test_help_and_bad_arguments():

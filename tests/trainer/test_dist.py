@@ -250,6 +250,18 @@ def test_backend_on_cpu(monkeypatch):
         pick_device_and_backend(0, "mpi")
 
 
+def test_gpus_without_usable_cuda_stop_unless_gloo_is_asked_for(monkeypatch):
+    """A GPU node with a CPU-only torch (or a too-old driver) must not silently train 8
+    gloo processes on the CPU (issue 15 #8)."""
+    import trainer.dist as dist_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist_mod, "nvidia_gpus_present", lambda: "/dev/nvidia0")
+    with pytest.raises(ValueError, match=r"NVIDIA GPUs \(/dev/nvidia0\).*CUDA build.*dist.backend=gloo"):
+        pick_device_and_backend(0)
+    assert pick_device_and_backend(0, "gloo") == (torch.device("cpu"), "gloo")
+
+
 def test_backend_with_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

@@ -111,6 +111,19 @@ def test_cli_bad_arguments_exit_2(bad, capsys):
     assert "arcshard-plan: error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "eighty"])
+def test_cli_memory_sizes_must_be_finite_and_positive(value, capsys):
+    """Was an OverflowError traceback (inf), a garbled message (nan), bytes (-1)."""
+    for flag in ("--device-memory", "--host-memory"):
+        args = ["--num-classes", "10", "--world-size", "2", "--device-memory", "8", flag, value]
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2
+        assert f"argument {flag}: {value!r}" in err and "GiB" in err, err
+        assert "Traceback" not in err and "bytes" not in err
+
+
 def test_console_script_runs():
     script = Path(sys.executable).parent / "arcshard-plan"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "trainer.plan"]

@@ -121,7 +121,8 @@ def test_help_explains_usage():
 
 
 def _grads_worker(rank, world, global_batch, accum=1):
-    from trainer.train import build, forward_backward
+    from trainer.loop import forward_backward
+    from trainer.run import build
 
     cfg = load_config(
         REPO / "trainer/configs/cpu_demo.yaml",

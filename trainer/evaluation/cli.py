@@ -19,8 +19,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_USAGE = 2
+from trainer import exit_codes
+
+EXIT_OK, EXIT_USAGE = exit_codes.OK, exit_codes.USAGE
 
 _VERIFY_NOTES = """\
 verify: insightface .bin sets (lfw.bin, cfp_fp.bin, agedb_30.bin, or your own from
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"arcshard-eval {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
     return EXIT_OK
 
 
