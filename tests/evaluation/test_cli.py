@@ -12,7 +12,7 @@ import torch
 from tests.evaluation.test_ijb import make_ijb
 from trainer.backbones import get_backbone
 from trainer.config import load_config, save_config
-from trainer.evaluation.cli import main
+from trainer.cli.eval import main
 from trainer.evaluation.embedder import OnnxEmbedder, embed, l2_normalise, load_embedder, preprocess
 from trainer.evaluation.verification import evaluate_embeddings, evaluate_targets, load_bin
 

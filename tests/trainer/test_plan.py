@@ -12,7 +12,8 @@ import torch
 from tests.distributed import run_world
 from trainer.optim import ShardSGD
 from trainer.partial_fc import PartialFC
-from trainer.plan import GIB, PlanInputs, main, make_plan
+from trainer.cli.plan import main
+from trainer.plan import GIB, PlanInputs, make_plan
 
 DIM, BATCH, RATE = 512, 16, 0.1
 

@@ -12,13 +12,13 @@ from PIL import Image
 
 from tests.distributed import free_port
 from tests.trainer.test_train import REPO, TINY, TORCHRUN
-from trainer.report import DPI, FIGSIZE, PANELS, ReportError, plot, read_records
+from trainer.cli.report import DPI, FIGSIZE, PANELS, ReportError, plot, read_records
 
 SIZE = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
 
 
 def _report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.report", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "trainer.cli.report", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -112,7 +112,7 @@ def test_evaluation_records_from_the_trainer(tmp_path):
         {"step": 4, "eval": {"lfw": {"accuracy": 0.8, "num_pairs": 20}}},
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from trainer.report import read_records, summary
+    from trainer.cli.report import read_records, summary
 
     records = read_records(run / "metrics.jsonl")
     assert len(records) == 4

@@ -1,7 +1,7 @@
 """`arcshard-report RUN_DIR [--out PNG]`: one picture and a short text summary of a run.
 
 Reads `RUN_DIR/metrics.jsonl` (rank 0 writes one JSON object per logged step, see
-trainer/metrics.py) and draws five panels against the step: loss, learning rate,
+trainer/telemetry.py) and draws five panels against the step: loss, learning rate,
 samples/s per rank, data-wait % per rank and verification accuracy per target. Records
 without the per-rank lists (`samples_per_sec_per_rank`, `data_wait_frac_per_rank`) are
 drawn as one "all ranks" line; verification accuracy comes from the evaluation records
