@@ -65,6 +65,7 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.integration
 def test_two_nodes_on_one_host_match_one_node_with_two_workers(tmp_path):
     steps = "run.max_steps=3"
     port = str(free_port())
@@ -95,6 +96,7 @@ def test_two_nodes_on_one_host_match_one_node_with_two_workers(tmp_path):
     assert worst < 1e-5
 
 
+@pytest.mark.integration
 def test_sigterm_to_the_launcher_checkpoints_and_exits_75(tmp_path):
     """What a scheduler without SLURM's requeue does (Kubernetes, a spot VM): SIGTERM
     to train.sh's process; the launcher forwards it and reports 'requeue me'."""
@@ -151,6 +153,7 @@ def test_launcher_passes_the_workers_code_through(codes, received, expected):
     assert passed_code(codes, received) == expected
 
 
+@pytest.mark.integration
 def test_config_error_under_the_launcher_is_exit_2_in_one_line(tmp_path):
     """Plain torchrun would turn the workers' 2 into 1 and print its ChildFailedError
     report; scripts and SLURM must be able to tell 'fix the config' from 'crashed'."""

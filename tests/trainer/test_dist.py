@@ -327,6 +327,7 @@ def worker(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_torchrun_two_processes(worker):
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(
@@ -345,6 +346,7 @@ def test_torchrun_two_processes(worker):
     assert [r["is_main"] for r in rows] == [True, False]
 
 
+@pytest.mark.integration
 def test_srun_style_two_processes(worker):
     port = free_port()
     procs = []
@@ -385,6 +387,7 @@ def test_srun_style_two_processes(worker):
         )  # fmt: skip
 
 
+@pytest.mark.integration
 def test_single_process_still_gets_a_group(worker):
     proc = subprocess.run(
         [sys.executable, str(worker)], env=_clean_env(), capture_output=True, text=True,
@@ -417,6 +420,7 @@ finally:
 """
 
 
+@pytest.mark.integration
 def test_collective_timeout_names_rank_and_collective(tmp_path):
     worker = tmp_path / "timeout_worker.py"
     worker.write_text(TIMEOUT_WORKER)

@@ -145,6 +145,7 @@ def _train_cmd(out: Path, *overrides: str) -> list[str]:
             *TINY, f"run.output_dir={out}", *overrides]
 
 
+@pytest.mark.integration
 def test_second_run_in_one_output_directory_is_refused_and_a_dead_holder_does_not_block(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -176,6 +177,7 @@ def test_second_run_in_one_output_directory_is_refused_and_a_dead_holder_does_no
     assert rows[-1]["step"] == at + 2
 
 
+@pytest.mark.integration
 def test_fewer_classes_than_ranks_is_one_config_line_before_the_group(tmp_path):
     from tests.distributed import free_port
 
@@ -193,6 +195,7 @@ def test_fewer_classes_than_ranks_is_one_config_line_before_the_group(tmp_path):
     assert not any(tmp_path.iterdir())  # (plain torchrun adds its own report; see test_multinode)
 
 
+@pytest.mark.integration
 def test_one_class_warns(tmp_path):
     proc = subprocess.run(_train_cmd(tmp_path / "run", "data.num_classes=1", "run.max_steps=1"),
                           cwd=REPO, capture_output=True, text=True, timeout=300)

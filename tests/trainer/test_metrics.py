@@ -349,6 +349,7 @@ def test_prometheus_scrapes_both_ranks(live_run):
         assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.integration
 def test_busy_port_is_a_warning_and_training_runs(tmp_path):
     base = _free_base_port(2)
     out = tmp_path / "run"

@@ -44,6 +44,7 @@ def _finished_steps(out_dir: Path, rank: int) -> int:
     return int(re.search(r"finished (\d+) steps", text).group(1))
 
 
+@pytest.mark.integration
 def test_two_process_run_learns_and_writes_outputs(tmp_path):
     out = tmp_path / "run"
     proc = _torchrun(out, "run.max_steps=40", "data.synthetic_mode=identities")
@@ -62,6 +63,7 @@ def test_two_process_run_learns_and_writes_outputs(tmp_path):
     assert "step 40/40" in (out / "logs" / "rank0.log").read_text()
 
 
+@pytest.mark.integration
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     out = tmp_path / "run"
     proc = _torchrun(
@@ -76,6 +78,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
         assert "step 3: non-finite loss" in text
 
 
+@pytest.mark.integration
 def test_nonfinite_steps_in_a_row_stop_every_rank(tmp_path):
     out = tmp_path / "run"
     proc = _torchrun(
