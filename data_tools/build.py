@@ -5,7 +5,10 @@ SRC is either
 * an image folder: one sub-folder per identity, class ids assigned by sorted folder
   name (``class_names`` in the manifest keeps the folder names); every non-hidden file
   below an identity folder is an image of it (sorted by path; non-images are rejected,
-  not guessed from their extension); or
+  not guessed from their extension; so is anything that is not a regular file, such as
+  a FIFO, socket, device or broken symbolic link, which is never opened for reading).
+  Folders whose names differ only in case (``Alice``, ``alice``) stay two identities,
+  with a warning naming both; or
 * a list file: one ``path<TAB>label`` line per image, ``label`` an integer class id >= 0,
   relative paths relative to the list file's folder (blank lines ignored).
   ``num_classes`` = largest label + 1; class names are ``str(class_id)``.
@@ -14,8 +17,9 @@ Images become ``size x size`` RGB JPEGs. An image that already is a ``size x siz
 3-channel (YCbCr/RGB) JPEG is copied unchanged, after its whole entropy-coded stream is
 decoded once (at 1/8 scale) to validate it. Anything else Pillow reads (PNG, GIF, PGM,
 grayscale, CMYK, ...) is converted to RGB and, when not ``size x size``, resized so that
-its *shorter side* is ``size`` and then centre-cropped to a square (bilinear,
-antialiased; aspect ratio kept, as face crops should be), then encoded with ``--quality``
+its *shorter side* is ``size`` and then centre-cropped to a square
+(:func:`data_tools.face.square_crop`, the geometry the embedder serves faces with too),
+then encoded with ``--quality``
 (4:2:0 chroma subsampling, as Pillow does). A larger 3-channel JPEG is first decoded with
 libjpeg-turbo DCT scaling by the smallest factor ``M/8`` (M = 1..8) that keeps both sides
 ``>= size`` (a 128x128 JPEG decodes straight to 112x112 at 7/8), and only what remains
@@ -31,8 +35,10 @@ resume and rejects.
 from __future__ import annotations
 
 import argparse
+import logging
 import operator
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +46,21 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from data_tools.face import square_crop
 from data_tools.shards import (
-    DatasetSpec, Rejected, TOOL_VERSION, add_writer_arguments, decode, fingerprint, open_encoded,
-    shard_size_for, validate, write_dataset,
+    TOOL_VERSION,
+    DatasetSpec,
+    Rejected,
+    add_writer_arguments,
+    decode,
+    fingerprint,
+    open_encoded,
+    shard_size_for,
+    validate,
+    write_dataset,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +88,21 @@ def list_image_folder(root: Path) -> Source:
         raise ValueError(
             f"{root}: no images found; an image folder needs one sub-folder of images per identity"
         )
+    _warn_case_collisions(root, names)
     return Source(paths, labels, names)
+
+
+def _warn_case_collisions(root: Path, names: list[str]) -> None:
+    """Warn about identity folders that differ only in case: two identities, or one typed twice?"""
+    by_folded: dict[str, list[str]] = {}
+    for name in names:
+        by_folded.setdefault(name.casefold(), []).append(name)
+    for same in by_folded.values():
+        if len(same) > 1:
+            log.warning(
+                "%s: identity folders %s differ only in case and become %d identities; "
+                "merge them if they are one person", root, ", ".join(repr(n) for n in same), len(same),
+            )
 
 
 def _files_under(folder: str) -> list[str]:
@@ -149,7 +180,7 @@ def _encode_jpeg(data: bytes, size: int, quality: int) -> bytes | None:
         return None  # Pillow decides: it rejects (with its reason) or accepts it
     h, w = pixels.shape[:2]
     if (w, h) != (size, size):
-        pixels = np.asarray(_resize(Image.fromarray(pixels, "RGB"), size))
+        pixels = np.asarray(square_crop(Image.fromarray(pixels, "RGB"), size))
     return simplejpeg.encode_jpeg(pixels, quality=quality, colorspace="RGB", colorsubsampling="420")
 
 
@@ -164,17 +195,9 @@ def _encode_with_pillow(data: bytes, size: int, quality: int) -> bytes:
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (size, size):
-        image = _resize(image, size)
+        image = square_crop(image, size)
     pixels = np.ascontiguousarray(np.asarray(image))
     return simplejpeg.encode_jpeg(pixels, quality=quality, colorspace="RGB", colorsubsampling="420")
-
-
-def _resize(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size``, centre-cropped to a square (bilinear, antialiased)."""
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) / 2, (h - side) / 2
-    return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
 
 
 @dataclass(frozen=True)
@@ -186,12 +209,49 @@ class ImageEncoder:
 
     def __call__(self, item: tuple[str, int]) -> tuple[bytes, int]:
         path, label = item
+        return encode_image(read_regular_file(path), self.size, self.quality), label
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def read_regular_file(path: str) -> bytes:
+    """The bytes of ``path`` if it is a regular file (after symlinks); else :class:`Rejected`.
+
+    Opened non-blocking and checked with ``fstat`` before reading, so a FIFO (whose
+    plain ``open`` waits forever for a writer) or a device is refused, not read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise Rejected(_unopenable(path, exc)) from None
+    with os.fdopen(fd, "rb") as f:
+        kind = _kind(os.fstat(f.fileno()).st_mode)
+        if kind:
+            raise Rejected(f"not a regular file ({kind})")
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            return f.read()
         except OSError as exc:
             raise Rejected(f"unreadable file ({exc.strerror or exc})") from None
-        return encode_image(data, self.size, self.quality), label
+
+
+def _unopenable(path: str, exc: OSError) -> str:
+    """Why ``path`` could not be opened: a broken link, a socket, or the OS's reason."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return "not a regular file (a broken symbolic link)"
+    try:
+        kind = _kind(os.stat(path).st_mode)
+    except OSError:
+        kind = None
+    return f"not a regular file ({kind})" if kind else f"unreadable file ({exc.strerror or exc})"
+
+
+def _kind(mode: int) -> str | None:
+    """What a non-regular file is ("a FIFO", ...), or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _NOT_REGULAR if test(mode)), "an unknown kind of file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_tools.atomic import write_atomic
+from data_tools.recordio import count_index
+
 MANIFEST = "manifest.json"
 PROPERTY = "property"
 FORMAT = "arcshard-recordio"
@@ -86,9 +89,7 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> Non
         (MANIFEST, manifest.to_json()),
         (PROPERTY, f"{manifest.num_classes},{h},{w}\n"),
     ):
-        tmp = d / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, d / name)
+        write_atomic(d / name, text)
 
 
 def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
@@ -134,7 +135,9 @@ def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
 
 
 def check_shard_files(directory: str | os.PathLike[str], manifest: Manifest) -> None:
-    """Cheap check (no hashing): every shard file exists with the recorded size."""
+    """Cheap check (no hashing): every shard file exists with the recorded size, and
+    each `.idx` lists the manifest's record count (a manifest claiming 100 images of a
+    32-record shard would otherwise train on a wrong count without a word)."""
     d = Path(directory)
     for shard in manifest.shards:
         for name, size in ((shard.rec, shard.rec_bytes), (shard.idx, shard.idx_bytes)):
@@ -147,3 +150,9 @@ def check_shard_files(directory: str | os.PathLike[str], manifest: Manifest) -> 
                     f"{path}: {actual} bytes, {MANIFEST} says {size} (truncated or modified; "
                     "run `arcshard-data verify` and re-copy or rebuild it)"
                 )
+        indexed = count_index(d / shard.idx)
+        if indexed != shard.num_records:
+            raise ValueError(
+                f"{d / shard.idx}: indexes {indexed} records, {MANIFEST} says {shard.num_records} "
+                f"for {shard.rec}; run `arcshard-data verify {d}` and rebuild the dataset"
+            )

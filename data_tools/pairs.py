@@ -32,7 +32,8 @@ import pickle
 import random
 from pathlib import Path
 
-from data_tools.build import encode_image, list_image_folder
+from data_tools.atomic import write_atomic_with
+from data_tools.build import encode_image, list_image_folder, read_regular_file
 from data_tools.manifest import load_manifest
 from data_tools.shards import Rejected
 
@@ -110,10 +111,7 @@ def make_pairs(
 
 def write_bin(out: Path, bins: list[bytes], issame: list[bool]) -> None:
     """Pickle ``(bins, issame_list)`` as insightface's verification sets are stored."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump((bins, issame), f, protocol=PICKLE_PROTOCOL)
-    tmp.replace(out)
+    write_atomic_with(out, lambda f: pickle.dump((bins, issame), f, protocol=PICKLE_PROTOCOL))
 
 
 def list_identities(
@@ -206,6 +204,6 @@ def impostor_pairs(folders: dict[str, list[Path]], count: int, rng: random.Rando
 def encode(path: Path, size: int, quality: int) -> bytes:
     """The image at ``path`` as ``arcshard-data build`` stores it: a ``size x size`` RGB JPEG."""
     try:
-        return encode_image(path.read_bytes(), size, quality)
+        return encode_image(read_regular_file(str(path)), size, quality)
     except Rejected as exc:
         raise ValueError(f"{path}: {exc}; remove or replace the file") from None

@@ -198,22 +198,7 @@ class RecordReader:
     def _load_index(self) -> dict[int, int]:
         offsets: dict[int, int] = {}
         size = len(self._view)
-        for lineno, line in enumerate(self.idx_path.read_bytes().splitlines(), 1):
-            fields = line.split(b"\t")
-            try:
-                if len(fields) != 2:
-                    raise ValueError
-                key, offset = int(fields[0]), int(fields[1])
-            except ValueError:
-                raise ValueError(
-                    f"{self.idx_path}: line {lineno} is malformed: "
-                    f"{line[:80].decode(errors='replace')!r} (expected '<integer key>\\t<byte offset>')"
-                ) from None
-            if key in offsets:
-                raise ValueError(
-                    f"{self.idx_path}: line {lineno}: duplicate key {key} "
-                    f"(already at byte {offsets[key]})"
-                )
+        for lineno, (key, offset) in enumerate(read_index(self.idx_path), 1):
             if not 0 <= offset < size:
                 raise ValueError(
                     f"{self.idx_path}: line {lineno}: key {key} at byte {offset} is beyond "
@@ -257,19 +242,70 @@ class RecordReader:
         self.close()
 
 
+def parse_index_line(line: bytes, name: PathLike, lineno: int) -> tuple[int, int]:
+    """``(key, offset)`` of one ``.idx`` line; ValueError naming ``name`` and the line.
+
+    The one definition of the line format, so every reader (and ``verify``, which goes
+    on past a bad line to list them all) agrees on what a valid index is.
+    """
+    fields = line.split(b"\t")
+    try:
+        if len(fields) != 2:
+            raise ValueError
+        return int(fields[0]), int(fields[1])
+    except ValueError:
+        raise ValueError(
+            f"{name}: line {lineno} is malformed: {line[:80].decode(errors='replace')!r} "
+            "(expected '<integer key>\\t<byte offset>')"
+        ) from None
+
+
+def read_index(idx_path: PathLike) -> list[tuple[int, int]]:
+    """``(key, offset)`` of every line of a ``.idx`` file, in file order.
+
+    ValueError names the file and line of a malformed line or a duplicate key.
+    """
+    entries: list[tuple[int, int]] = []
+    seen: dict[int, int] = {}
+    for lineno, line in enumerate(Path(idx_path).read_bytes().splitlines(), 1):
+        key, offset = parse_index_line(line, idx_path, lineno)
+        if key in seen:
+            raise ValueError(
+                f"{idx_path}: line {lineno}: duplicate key {key} (already at byte {seen[key]})"
+            )
+        seen[key] = offset
+        entries.append((key, offset))
+    return entries
+
+
+def count_index(idx_path: PathLike) -> int:
+    """Records a ``.idx`` file lists (its lines), without parsing them: a cheap start-up
+    check that a shard holds what its manifest says."""
+    return len(Path(idx_path).read_bytes().splitlines())
+
+
+def walk(path: PathLike) -> Iterator[tuple[int, memoryview]]:
+    """``(offset, payload)`` of every record of a ``.rec`` file, from its framing alone.
+
+    A framing error is a ValueError naming the file and byte. The file is mapped while
+    the walk runs; close the generator (``contextlib.closing``) to stop early.
+    """
+    path = Path(path)
+    buf = _map(path)
+    try:
+        with memoryview(buf) as view:
+            yield from _records(view, path)
+    finally:
+        _close(buf)
+
+
 def scan(path: PathLike) -> list[int]:
     """Byte offsets of every record in a ``.rec`` file, found by walking its framing.
 
     Checks the whole file's framing (not the payloads); an index with keys 0..n-1 is
     ``f"{key}\\t{offset}\\n"`` for each ``key, offset in enumerate(scan(path))``.
     """
-    path = Path(path)
-    buf = _map(path)
-    try:
-        with memoryview(buf) as view:
-            return [offset for offset, _ in _records(view, path)]
-    finally:
-        _close(buf)
+    return [offset for offset, _ in walk(path)]
 
 
 def _map(path: Path) -> mmap.mmap | bytes:

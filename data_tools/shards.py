@@ -31,6 +31,7 @@ writer stops with :class:`DrillStop` right after writing its ``n``-th record of 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import json
@@ -49,6 +50,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from data_tools.atomic import write_atomic
 from data_tools.manifest import Manifest, ShardInfo, describe_shard, write_manifest
 from data_tools.recordio import IRHeader, RecordWriter, pack
 
@@ -185,9 +187,27 @@ def fingerprint(options: dict[str, object], lines: list[str]) -> str:
 
 
 def write_dataset(spec: DatasetSpec) -> Manifest:
-    """Write the dataset described by ``spec`` to ``spec.out``; see the module docstring."""
+    """Write the dataset described by ``spec`` to ``spec.out``; see the module docstring.
+
+    A full disk is a ValueError naming the output and its free space (the bare
+    ``OSError`` of a buffered write names no file).
+    """
+    partial = spec.out.with_name(spec.out.name + ".partial")
+    try:
+        return _write_dataset(spec, partial)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = partial if partial.exists() else partial.parent
+        free = shutil.disk_usage(where).free
+        raise ValueError(
+            f"{partial}: disk full while writing the dataset ({free / 2**20:,.1f} MiB free on its "
+            "file system); free space or choose another OUT, then rerun with --resume"
+        ) from None
+
+
+def _write_dataset(spec: DatasetSpec, partial: Path) -> Manifest:
     out = spec.out
-    partial = out.with_name(out.name + ".partial")
     n = len(spec.items)
     if n == 0:
         raise ValueError(f"{spec.source}: no images found; check the path")
@@ -238,19 +258,24 @@ def write_dataset(spec: DatasetSpec) -> Manifest:
             done.append({**asdict(shards[-1]), "rejected": shard_rejected})
             _save_progress(partial, spec.fingerprint, done)
     progress.close()
+    return _finish(spec, partial, shards, rejected)
 
+
+def _finish(spec: DatasetSpec, partial: Path, shards: list[ShardInfo], rejected: list[tuple[str, str]]) -> Manifest:
+    """Manifest and rejects into ``partial``, then publish it as ``spec.out``."""
+    num_images = sum(s.num_records for s in shards)
     manifest = Manifest(
-        num_images=next_id, num_classes=spec.num_classes, image_size=spec.image_size,
+        num_images=num_images, num_classes=spec.num_classes, image_size=spec.image_size,
         shards=shards, class_names=spec.class_names, source=spec.source,
         tool_version=TOOL_VERSION, seed=spec.seed,
     )
     _write_rejected(partial, rejected)
     write_manifest(partial, manifest)
     (partial / PROGRESS).unlink()
-    _publish(partial, out)
+    _publish(partial, spec.out)
     if rejected:
-        log.warning("%d of %d images rejected, listed in %s", len(rejected), n, out / REJECTED)
-    log.info("wrote %d images of %d classes in %d shards to %s", next_id, spec.num_classes, len(shards), out)
+        log.warning("%d of %d images rejected, listed in %s", len(rejected), len(spec.items), spec.out / REJECTED)
+    log.info("wrote %d images of %d classes in %d shards to %s", num_images, spec.num_classes, len(shards), spec.out)
     return manifest
 
 
@@ -295,9 +320,7 @@ def _load_progress(partial: Path, fingerprint: str) -> list[dict[str, Any]]:
 
 
 def _save_progress(partial: Path, fingerprint: str, done: list[dict[str, Any]]) -> None:
-    tmp = partial / f".{PROGRESS}.tmp"
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "shards": done}), encoding="utf-8")
-    os.replace(tmp, partial / PROGRESS)
+    write_atomic(partial / PROGRESS, json.dumps({"fingerprint": fingerprint, "shards": done}))
 
 
 def _write_rejected(directory: Path, rejected: list[tuple[str, str]]) -> None:
@@ -305,10 +328,8 @@ def _write_rejected(directory: Path, rejected: list[tuple[str, str]]) -> None:
     if not rejected:
         path.unlink(missing_ok=True)
         return
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("path\treason\n")
-        for name, reason in rejected:
-            f.write(f"{name}\t{' '.join(reason.split())}\n")
+    lines = [f"{name}\t{' '.join(reason.split())}\n" for name, reason in rejected]
+    write_atomic(path, "path\treason\n" + "".join(lines))
 
 
 def _publish(partial: Path, out: Path) -> None:

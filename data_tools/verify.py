@@ -20,6 +20,7 @@ Exit status 0 with a one-line summary when all is well, 1 with the first
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import time
@@ -28,8 +29,15 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_tools.manifest import MANIFEST, PROPERTY, Manifest, ShardInfo, load_manifest, sha256_file
-from data_tools.recordio import _close, _map, _records, unpack
+from data_tools.manifest import (
+    MANIFEST,
+    PROPERTY,
+    Manifest,
+    ShardInfo,
+    load_manifest,
+    sha256_file,
+)
+from data_tools.recordio import parse_index_line, unpack, walk
 from data_tools.shards import Rejected, open_encoded, validate
 
 log = logging.getLogger(__name__)
@@ -209,40 +217,35 @@ def _check_records(
 ) -> tuple[list[int], bool]:
     """Walk the framing and check each record; returns offsets and whether framing was clean."""
     offsets: list[int] = []
-    buf = _map(rec_path)
     last_log = time.monotonic()
-    try:
-        with memoryview(buf) as view:
-            records = _records(view, rec_path)
-            while True:
-                index = len(offsets)
-                try:
-                    item = next(records)
-                except StopIteration:
-                    return offsets, True
-                except ValueError as exc:
-                    text = str(exc).removeprefix(f"{rec_path}: ").replace(
-                        "record at byte", f"record {index} at byte", 1
-                    )
-                    more = "" if index == 0 else f"; records 0-{index - 1} were read"
-                    problem(f"{name}: {text} (framing stops here{more})")
-                    return offsets, False
-                offset, payload = item
-                offsets.append(offset)
-                report.records += 1
-                what = _check_record(payload, num_classes, image_size)
-                del payload
-                if what:
-                    problem(f"{name}: record {index} at byte {offset}: {what}")
-                if time.monotonic() - last_log > PROGRESS_EVERY_S:
-                    last_log = time.monotonic()
-                    log.info("verify: %s: %d records checked", name, len(offsets))
-    finally:
-        _close(buf)
+    with contextlib.closing(walk(rec_path)) as records:
+        while True:
+            index = len(offsets)
+            try:
+                offset, payload = next(records)
+            except StopIteration:
+                return offsets, True
+            except ValueError as exc:
+                text = str(exc).removeprefix(f"{rec_path}: ").replace(
+                    "record at byte", f"record {index} at byte", 1
+                )
+                more = "" if index == 0 else f"; records 0-{index - 1} were read"
+                problem(f"{name}: {text} (framing stops here{more})")
+                return offsets, False
+            offsets.append(offset)
+            report.records += 1
+            what = check_record(payload, num_classes, image_size)
+            del payload
+            if what:
+                problem(f"{name}: record {index} at byte {offset}: {what}")
+            if time.monotonic() - last_log > PROGRESS_EVERY_S:
+                last_log = time.monotonic()
+                log.info("verify: %s: %d records checked", name, len(offsets))
 
 
-def _check_record(payload: memoryview, num_classes: int, image_size: tuple[int, int]) -> str | None:
-    """What is wrong with one record's payload, or None."""
+def check_record(payload: bytes | memoryview, num_classes: int, image_size: tuple[int, int]) -> str | None:
+    """What is wrong with one record's payload (header, label, image), or None; the
+    DALI loader asks this to name the record its pipeline failed on."""
     try:
         header, image = unpack(payload)
     except ValueError as exc:
@@ -275,16 +278,10 @@ def _check_index(
     keys: set[int] = set()
     lines = idx_path.read_bytes().splitlines()
     for lineno, line in enumerate(lines, 1):
-        fields = line.split(b"\t")
         try:
-            if len(fields) != 2:
-                raise ValueError
-            key, offset = int(fields[0]), int(fields[1])
-        except ValueError:
-            problem(
-                f"{name}: line {lineno} is malformed: {line[:80].decode(errors='replace')!r} "
-                "(expected '<integer key>\\t<byte offset>')"
-            )
+            key, offset = parse_index_line(line, name, lineno)
+        except ValueError as exc:
+            problem(str(exc))
             continue
         if key in keys:
             problem(f"{name}: line {lineno}: duplicate key {key}")

@@ -1,10 +1,11 @@
 """Face image files -> RGB uint8 arrays the embedder takes.
 
 Any format Pillow reads (JPEG, PNG, GIF, PGM, BMP, WebP, ...); grayscale, palette and
-alpha images are converted to RGB; images that are not 112x112 are resized to it with
-`trainer.evaluation.embedder.resize` (the evaluation's own resize, so a deployed model
-sees inputs prepared exactly as in verification). Images should be aligned face crops:
-resizing does not align a face.
+alpha images are converted to RGB; images that are not 112x112 get the training set's
+geometry, `data_tools.face.fit` (shorter side resized to 112, centre-cropped: what
+`arcshard-data build` does to the training images, so a deployed model sees faces shaped
+as in training and in verification). Images should be aligned face crops: resizing does
+not align a face.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainer.evaluation.embedder import INPUT_SIZE, resize
+from data_tools.face import fit
 
 __all__ = ["UnreadableImage", "expand_paths", "image_extensions", "load_face", "read_list"]
 
@@ -70,7 +71,4 @@ def load_face(path: str | os.PathLike[str]) -> np.ndarray:
     except Exception as exc:  # Pillow raises many types for bad data (OSError, SyntaxError, ...)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnreadableImage(f"{path}: not a readable image ({reason})") from None
-    pixels = np.asarray(rgb, dtype=np.uint8)
-    if pixels.shape[:2] != (INPUT_SIZE, INPUT_SIZE):
-        pixels = resize(pixels)
-    return pixels
+    return fit(np.asarray(rgb, dtype=np.uint8))

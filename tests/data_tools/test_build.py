@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +16,7 @@ from PIL import Image
 
 from data_tools.cli import main
 from data_tools.manifest import load_manifest, sha256_file
-from data_tools.recordio import RecordReader, unpack
+from data_tools.recordio import RecordReader, RecordWriter, unpack
 from data_tools.shards import DRILL_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -295,3 +298,56 @@ def test_resized_jpegs_use_dct_scaling_close_to_bilinear():
     Image.fromarray(smooth).convert("CMYK").save(cmyk, "JPEG")
     converted = Image.open(io.BytesIO(encode_image(cmyk.getvalue(), SIZE, 95)))
     assert (converted.mode, converted.size) == ("RGB", (SIZE, SIZE))
+
+
+@pytest.mark.timeout(180)
+def test_only_regular_files_are_read_the_rest_is_rejected(tmp_path):
+    """A FIFO (which a plain open waits on forever), a socket and a broken symlink in the
+    image folder are listed in rejected.tsv, not read; the build finishes."""
+    src = _folder(tmp_path / "src", classes=2, per_class=5)
+    fifo, sock, link = src / "person_b" / "pipe.jpg", src / "person_b" / "sock.jpg", src / "person_c" / "gone.jpg"
+    os.mkfifo(fifo)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    os.symlink(tmp_path / "nowhere.jpg", link)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "data_tools", "build", str(src), str(tmp_path / "out"), "--size", str(SIZE),
+             "--quiet", "--workers", "2", "--max-reject", "50%"],
+            cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        )
+    finally:
+        server.close()
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "out" / "rejected.tsv").read_text().splitlines()[1:]
+    assert dict(line.split("\t") for line in lines) == {
+        str(fifo): "not a regular file (a FIFO)",
+        str(sock): "not a regular file (a socket)",
+        str(link): "not a regular file (a broken symbolic link)",
+    }
+    assert load_manifest(tmp_path / "out").num_images == 10
+
+
+def test_class_folders_differing_only_in_case_are_warned_about(tmp_path, caplog):
+    src = _folder(tmp_path / "src", classes=1, per_class=2)  # person_c
+    _save(src / "Person_C" / "00.jpg", 5, "jpeg")
+    _save(src / "PERSON_C" / "00.jpg", 6, "jpeg")
+    with caplog.at_level("WARNING", logger="data_tools.build"):
+        assert _build(src, tmp_path / "out", "--workers", "1") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "differ only in case" in r.getMessage()]
+    assert len(warnings) == 1 and "'PERSON_C', 'Person_C', 'person_c'" in warnings[0], warnings
+    assert load_manifest(tmp_path / "out").num_classes == 3  # still three identities
+
+
+def test_disk_full_is_one_line_naming_the_output_and_free_space(tmp_path, monkeypatch, capsys):
+    src = _folder(tmp_path / "src", classes=2, per_class=3)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RecordWriter, "write", full)
+    assert _build(src, tmp_path / "out", "--workers", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"arcshard-data build: error: {tmp_path / 'out.partial'}: disk full while writing")
+    assert "MiB free on its file system" in err[0] and "--resume" in err[0]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
 import pytest
 
-from data_tools.manifest import Manifest, check_shard_files, describe_shard, load_manifest, write_manifest
+from data_tools.manifest import (
+    Manifest,
+    check_shard_files,
+    describe_shard,
+    load_manifest,
+    write_manifest,
+)
 
 
 def _dataset(tmp_path) -> Manifest:
@@ -85,3 +92,17 @@ def test_check_shard_files(tmp_path):
     (tmp_path / "train-00000.idx").unlink()
     with pytest.raises(ValueError, match=r"train-00000.idx: listed in manifest.json but missing"):
         check_shard_files(tmp_path, m)
+
+
+def test_check_shard_files_counts_index_lines(tmp_path):
+    m = _dataset(tmp_path)
+    check_shard_files(tmp_path, m)  # as written
+    m.shards[1] = dataclasses.replace(m.shards[1], num_records=100)  # sizes still match
+    with pytest.raises(ValueError, match=r"train-00001.idx: indexes 2 records, manifest.json says 100 "
+                                         r"for train-00001.rec; run `arcshard-data verify "):
+        check_shard_files(tmp_path, m)
+
+
+def test_write_manifest_leaves_no_temporary_files(tmp_path):
+    _dataset(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import pickle
 import random
@@ -7,7 +8,19 @@ import subprocess
 
 import pytest
 
-from data_tools.recordio import MAGIC, IRHeader, RecordReader, RecordWriter, pack, scan, unpack
+from data_tools.recordio import (
+    MAGIC,
+    IRHeader,
+    RecordReader,
+    RecordWriter,
+    count_index,
+    pack,
+    parse_index_line,
+    read_index,
+    scan,
+    unpack,
+    walk,
+)
 from tests.data_tools import mxnet_env
 
 M = struct.pack("<I", MAGIC)
@@ -380,3 +393,27 @@ def test_dali_reads_mxnet_written_files(mxnet_python, tmp_path):
         got = np.asarray(decoded[i], dtype=np.int16)
         assert got.shape == (112, 112, 3)
         assert np.abs(got - expected).max() <= 2  # libjpeg-turbo IDCT variants
+
+
+def test_read_index_and_count_index(tmp_path):
+    idx = tmp_path / "a.idx"
+    idx.write_bytes(b"3\t0\n1\t16\n7\t40\n")
+    assert read_index(idx) == [(3, 0), (1, 16), (7, 40)]  # file order, keys as written
+    assert count_index(idx) == 3
+    idx.write_bytes(b"3\t0\n3\t16\n")
+    with pytest.raises(ValueError, match=r"a.idx: line 2: duplicate key 3 \(already at byte 0\)"):
+        read_index(idx)
+    with pytest.raises(ValueError, match=r"^x.idx: line 9 is malformed: '1 2' \(expected"):
+        parse_index_line(b"1 2", "x.idx", 9)
+
+
+def test_walk_yields_offsets_and_payloads_and_stops_early(tmp_path):
+    rec = tmp_path / "w.rec"
+    with RecordWriter(rec) as w:
+        offsets = [w.write(p) for p in (b"one", b"two!", b"three")]
+    assert [(o, bytes(p)) for o, p in walk(rec)] == list(zip(offsets, [b"one", b"two!", b"three"]))
+    with contextlib.closing(walk(rec)) as records:
+        assert bytes(next(records)[1]) == b"one"  # closing early releases the mapping
+    rec.write_bytes(rec.read_bytes()[:-2])
+    with pytest.raises(ValueError, match=r"w.rec: record at byte 24 .*truncated file"):
+        list(walk(rec))

@@ -43,8 +43,11 @@ def _reference(module, paths, flip: bool) -> np.ndarray:
     for p in paths:
         with Image.open(p) as im:
             rgb = im.convert("RGB")
-        if rgb.size != (112, 112):
-            rgb = rgb.resize((112, 112), Image.Resampling.BILINEAR)
+        if rgb.size != (112, 112):  # shorter side to 112, centre crop: the training geometry
+            w, h = rgb.size
+            side = min(w, h)
+            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+            rgb = rgb.resize((112, 112), Image.Resampling.BILINEAR, box=box)
         images.append(np.asarray(rgb, np.float32).transpose(2, 0, 1))
     batch = (np.stack(images) - 127.5) / 127.5
     return embed(TorchEmbedder(module), batch.astype(np.float32), flip=flip)

@@ -3,8 +3,8 @@
 One DALI pipeline per rank: `fn.readers.mxnet` over every shard's `.rec` with
 `shard_id=rank, num_shards=world_size`, JPEG decode (`device="mixed"`: nvJPEG on GPU;
 `"cpu"` on a CPU-only run), a random horizontal flip (`fn.random.coin_flip` as the
-`mirror` of `fn.crop_mirror_normalize`), normalisation `(x - 127.5) / 127.5` to CHW
-float32, wrapped in `DALIGenericIterator`. DALI's reader takes one index for all the
+`mirror` of `fn.crop_mirror_normalize`), the face contract's normalisation
+(`data_tools.face`: `(x - 127.5) / 127.5`) to CHW float32, wrapped in `DALIGenericIterator`. DALI's reader takes one index for all the
 `.rec` files, read as one concatenated stream; `combined_index` writes it (each shard's
 `.idx` offsets shifted by the sizes of the shards before it) to a temporary file that
 lives only while the pipeline is built.
@@ -15,8 +15,8 @@ sizes differ by at most one, and without `stick_to_shard` rank `r` reads part
 The reader pads its part (`pad_last_batch=True`) and the iterator (`reader_name` +
 `LastBatchPolicy.DROP`) counts every rank's epoch as `N // W` samples and drops the
 incomplete last batch: every rank yields exactly `N // (B * W)` batches per epoch
-(`steps_per_epoch`) and at most one global batch of records (plus `N mod W`) is not
-read in an epoch. `epoch_batches` checks that count and fails loudly rather than let
+(`trainer.data.batches.steps_per_epoch`) and at most one global batch of records (plus
+`N mod W`) is not read in an epoch. `epoch_batches` checks that count and fails loudly rather than let
 ranks drift apart (a mismatch deadlocks the collectives).
 
 The reader shuffles within a buffer of `initial_fill` records (DALI's
@@ -28,10 +28,17 @@ taken in epoch `e` builds the reader with `first_epoch=e`: it starts on part
 consumed, so the resumed run reads the right part and the right number of batches, but
 not the same order within the shuffle buffer as an uninterrupted run (the PyTorch
 loader and the synthetic source resume exactly).
+
+Labels are checked on the host and reach a GPU from pinned memory without blocking.
+A bad record (an `.idx` offset off the framing, a damaged JPEG) stops the pipeline with
+a `RuntimeError` that names no record; `epoch_batches` turns it into a `DataError`
+naming the shard and record key, found by checking (`data_tools.verify.check_record`)
+the records of this rank's part the reader can have reached so far.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -41,10 +48,19 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from data_tools.face import INPUT_SIZE, MEAN, STD
+from data_tools.recordio import RecordReader, read_index
+from data_tools.verify import check_record
+from trainer.data.batches import check_start, steps_per_epoch, to_device
 from trainer.data.errors import DataError
+
+log = logging.getLogger(__name__)
 
 _READER = "Reader"
 _SHUFFLE_BUFFER = 4096  # records held by the reader's shuffle buffer
+_PREFETCH = 2  # batches the pipeline prepares ahead of the consumer
+_DATA_OPERATORS = ("readers.mxnet", "decoders.image")  # a failure there is a bad record
+Index = list[tuple[int, int]]  # (key, offset) per record of one shard
 
 
 @pipeline_def
@@ -60,14 +76,14 @@ def _pipeline(
     images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
     mirror = fn.random.coin_flip(probability=0.5) if flip else 0
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3,
+        images, dtype=types.FLOAT, output_layout="CHW", mean=[MEAN] * 3, std=[STD] * 3,
         mirror=mirror,
     )
     return images, labels
 
 
 class DaliRecordIO:
-    """This rank's batches from a DALI pipeline; the loop's interface of `SyntheticIdentities`.
+    """This rank's batches from a DALI pipeline (a `trainer.data.source.BatchSource`).
 
     `rec_paths`/`idx_paths` list every shard of the dataset in manifest order;
     `num_images` is the manifest's total. Batches are `(images float32 [B, 3, H, W] on
@@ -91,22 +107,20 @@ class DaliRecordIO:
         flip: bool = True,
         dataset: str = "",
         first_epoch: int = 0,
+        image_size: int = INPUT_SIZE,
     ) -> None:
         self.dataset = dataset or str(Path(rec_paths[0]).parent)
-        steps = num_images // (batch_size * world_size)
-        if steps < 1:
-            raise ValueError(
-                f"{self.dataset}: {num_images} images is less than one global batch "
-                f"({batch_size} x {world_size} ranks); lower data.batch_size"
-            )
-        self.steps_per_epoch = steps
-        self.num_classes = num_classes
-        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch(
+            num_images, batch_size, world_size, f"{self.dataset}: num_images", "lower data.batch_size"
+        )
+        self.num_images, self.num_classes, self.image_size = num_images, num_classes, image_size
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.device = device
+        self._shards = [(Path(rec), Path(idx), read_index(idx)) for rec, idx in zip(rec_paths, idx_paths, strict=True)]
         gpu = device.type == "cuda"
         with tempfile.TemporaryDirectory(prefix="arcshard-dali-") as tmp:
             index = Path(tmp) / "all.idx"
-            combined_index(rec_paths, idx_paths, index)
+            combined_index(rec_paths, [entries for _, _, entries in self._shards], index)
             pipe = _pipeline(
                 rec_paths=[str(p) for p in rec_paths], index_path=str(index),
                 shard_id=(rank + first_epoch) % world_size, num_shards=world_size,
@@ -115,7 +129,7 @@ class DaliRecordIO:
                 batch_size=batch_size, num_threads=threads,
                 device_id=(torch.cuda.current_device() if device.index is None else device.index)
                 if gpu else None, seed=seed + rank + first_epoch * world_size,
-                prefetch_queue_depth=2,
+                prefetch_queue_depth=_PREFETCH,
             )
             pipe.build()  # reads the index
         self._iter = DALIGenericIterator(
@@ -134,23 +148,75 @@ class DaliRecordIO:
             raise ValueError(
                 f"DALI reads epochs in order: asked for epoch {epoch}, the next one is {self._next_epoch}"
             )
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(
-                f"start_step {start_step} must be in [0, steps_per_epoch={self.steps_per_epoch}]"
-            )
+        check_start(start_step, self.steps_per_epoch)
         self._next_epoch += 1
         count = 0
-        for out in self._iter:
+        while True:
+            try:
+                out = next(self._iter)
+            except StopIteration:
+                break
+            except RuntimeError as exc:
+                error = self._data_error(str(exc), epoch, count)
+                if error is None:
+                    raise
+                raise error from None
             count += 1
             if count <= start_step:
                 continue
             images, labels = out[0]["images"], out[0]["labels"]
-            yield images.to(self.device, non_blocking=True), self._labels(labels).to(self.device)
+            yield images.to(self.device, non_blocking=True), to_device(self._labels(labels), self.device)
         if count != self.steps_per_epoch:
             raise RuntimeError(
                 f"{self.dataset}: DALI gave {count} batches in epoch {epoch}, expected "
                 f"{self.steps_per_epoch} on every rank (ranks would deadlock); use data.loader=torch"
             )
+
+    def _data_error(self, text: str, epoch: int, count: int) -> DataError | None:
+        """The DataError for a pipeline failure in the reader or decoder (None: another fault),
+        naming the first bad record among those this rank can have reached in `epoch`."""
+        if not any(op in text for op in _DATA_OPERATORS):
+            return None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        after = lines[lines.index("encountered:") + 1 :] if "encountered:" in lines else []
+        reason = after[0] if after else lines[-1]
+        part = (self.rank + epoch) % self.world_size  # DALI splits N records into W parts
+        start = self.num_images * part // self.world_size
+        end = min(self.num_images * (part + 1) // self.world_size,
+                  start + (count + 1 + _PREFETCH) * self.batch_size + _SHUFFLE_BUFFER)
+        log.error("DALI failed (%s); checking records %d..%d of %s for the bad one", reason, start, end - 1, self.dataset)
+        verify = f"run `arcshard-data verify {self.dataset}`"
+        found = self._first_bad_record(start, end)
+        if found is None:
+            return DataError(
+                f"{self.dataset}: DALI failed in epoch {epoch} ({reason}), but the {end - start} records "
+                f"it had reached check out; {verify}"
+            )
+        return DataError(f"{found}; DALI: {reason}; {verify}")
+
+    def _first_bad_record(self, start: int, end: int) -> str | None:
+        """'SHARD: record key K (record I): problem' for the first bad record among the
+        dataset's records `start..end-1` (manifest order), or None."""
+        base = 0
+        for rec, idx, entries in self._shards:
+            lo, hi = max(start - base, 0), min(end - base, len(entries))
+            base += len(entries)
+            if lo >= hi:
+                continue
+            try:
+                reader = RecordReader(rec, idx)
+            except ValueError as exc:  # an offset beyond the end of the .rec: names idx and line
+                return str(exc)
+            with reader:
+                for i in range(lo, hi):
+                    key = entries[i][0]
+                    try:
+                        problem = check_record(reader.read(key), self.num_classes, (self.image_size,) * 2)
+                    except ValueError as exc:  # framing: the offset is not a record start
+                        problem = str(exc).removeprefix(f"{rec}: ")
+                    if problem:
+                        return f"{rec}: record key {key} (record {i}): {problem}"
+        return None
 
     def _labels(self, labels: torch.Tensor) -> torch.Tensor:
         """The reader's float labels [B, 1] (host) as int64 [B], checked to be class ids."""
@@ -171,16 +237,16 @@ class DaliRecordIO:
         return ids
 
 
-def combined_index(rec_paths: Sequence[Path], idx_paths: Sequence[Path], out: Path) -> None:
+def combined_index(rec_paths: Sequence[Path], indexes: Sequence[Index], out: Path) -> None:
     """Write the one `.idx` DALI's reader needs for several `.rec` files to `out`.
 
-    DALI reads the `.rec` files as one stream; a record's offset in it is its offset in
-    its own file plus the sizes of the files before it. Keys are renumbered 0..N-1.
+    `indexes` holds each shard's `read_index`. DALI reads the `.rec` files as one stream;
+    a record's offset in it is its offset in its own file plus the sizes of the files
+    before it. Keys are renumbered 0..N-1.
     """
     base, key = 0, 0
     with open(out, "w", encoding="ascii") as f:
-        for rec, idx in zip(rec_paths, idx_paths, strict=True):
-            offsets = [int(line.split(b"\t")[1]) for line in Path(idx).read_bytes().splitlines()]
-            f.write("".join(f"{key + i}\t{base + o}\n" for i, o in enumerate(offsets)))
-            key += len(offsets)
+        for rec, entries in zip(rec_paths, indexes, strict=True):
+            f.write("".join(f"{key + i}\t{base + o}\n" for i, (_, o) in enumerate(entries)))
+            key += len(entries)
             base += os.path.getsize(rec)

@@ -2,15 +2,16 @@
 
 `open_dataset` checks a dataset directory against the config before training starts,
 on every rank: `manifest.json` readable, every shard file present with its recorded
-size (no hashing: `arcshard-data verify` does that), the manifest's image size equal
-to `data.image_size` and its `num_classes` equal to `data.num_classes` (or taken from
+size and its `.idx` listing the manifest's record count (no hashing: `arcshard-data
+verify` does that), the manifest's image size equal to `data.image_size` and its `num_classes` equal to `data.num_classes` (or taken from
 it when that is null). Anything else raises `ConfigError` with one line naming what
 differs.
 
 `make_recordio_source` picks the loader: `data.loader=dali` is the DALI pipeline
 (`trainer.data.dali`), `torch` the pure-PyTorch fallback (`trainer.data.torch_loader`),
 `auto` DALI when `nvidia.dali` imports and the fallback otherwise. Both yield every
-rank exactly `num_images // (batch_size * world_size)` batches per epoch.
+rank exactly `trainer.data.batches.steps_per_epoch` batches per epoch. The trainer
+reaches both through `trainer.data.source.build_source`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from data_tools.manifest import Manifest, check_shard_files, load_manifest
-from trainer.config import DataConfig, ConfigError
+from trainer.config import ConfigError, DataConfig
+from trainer.data.batches import steps_per_epoch
 from trainer.data.torch_loader import TorchRecordIO
+
+if TYPE_CHECKING:
+    from trainer.data.dali import DaliRecordIO
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +64,9 @@ def dali_available() -> bool:
 def make_recordio_source(
     data: DataConfig, manifest: Manifest, rank: int, world_size: int, seed: int, device: torch.device,
     first_epoch: int = 0,
-):
-    """This rank's loader of the dataset at `data.path` (see the module docstring)."""
+) -> TorchRecordIO | DaliRecordIO:
+    """This rank's loader of the dataset at `data.path` (see the module docstring);
+    ConfigError when the batch is too large or a shard's index is unreadable."""
     loader = data.loader
     if loader == "auto":
         loader = "dali" if dali_available() else "torch"
@@ -70,23 +77,25 @@ def make_recordio_source(
     directory = Path(data.path)
     recs = [directory / s.rec for s in manifest.shards]
     idxs = [directory / s.idx for s in manifest.shards]
-    global_batch = data.batch_size * world_size
-    if manifest.num_images < global_batch:
-        raise ConfigError(
-            f"data.batch_size: {data.batch_size} x {world_size} ranks exceeds the "
-            f"{manifest.num_images} images of {directory}; lower it"
-        )
+    try:
+        steps_per_epoch(manifest.num_images, data.batch_size, world_size, f"{directory}: num_images",
+                        "lower data.batch_size")
+    except ValueError as exc:
+        raise ConfigError(f"data.batch_size: {exc}") from None
     log.info("data: %s loader over %d images in %d shards of %s",
              loader, manifest.num_images, len(recs), directory)
-    if loader == "dali":
-        from trainer.data.dali import DaliRecordIO  # imports nvidia.dali
+    try:
+        if loader == "dali":
+            from trainer.data.dali import DaliRecordIO  # imports nvidia.dali
 
-        return DaliRecordIO(
-            recs, idxs, manifest.num_images, manifest.num_classes, data.batch_size, rank,
-            world_size, seed, device, threads=max(1, data.workers), dataset=str(directory),
-            first_epoch=first_epoch,
+            return DaliRecordIO(
+                recs, idxs, manifest.num_images, manifest.num_classes, data.batch_size, rank,
+                world_size, seed, device, threads=max(1, data.workers), dataset=str(directory),
+                first_epoch=first_epoch, image_size=data.image_size,
+            )
+        return TorchRecordIO(
+            recs, idxs, manifest.num_classes, data.batch_size, rank, world_size, seed,
+            data.image_size, data.workers, device=device,
         )
-    return TorchRecordIO(
-        recs, idxs, manifest.num_classes, data.batch_size, rank, world_size, seed,
-        data.image_size, data.workers, device=device,
-    )
+    except ValueError as exc:  # a malformed .idx
+        raise ConfigError(f"data.path: {exc}") from None

@@ -11,8 +11,14 @@ noise, clipped to [-1, 1]. The coarse, mostly symmetric structure survives those
 perturbations, so identities are learnable and a demo's loss falls; the fine
 structure does not survive shifts, which keeps the task from being trivial.
 
-`mode="noise"`: images are standard normal noise and labels uniform; nearly free to
-make, for throughput benchmarks.
+`mode="noise"`: every pixel is 0 or 255 at random (so -1 or +1 once normalised: mean 0,
+std 1) and labels are uniform; nearly free to make, for throughput benchmarks.
+
+Like a real loader, the source renders uint8 pixels (`raw_batch`; an identity view in
+[-1, 1] is quantised to `round(127.5 * x + 127.5)`) and `epoch_batches` ships them out
+of `workers` DataLoader processes and normalises them on `device` with the face
+contract (`trainer.data.batches.StepSource`), so the trainer sees the 256 levels of
+`(x - 127.5) / 127.5` a decoded JPEG has, and /dev/shm carries a quarter of the bytes.
 
 Batches are a pure function of `(seed, epoch, step, rank)`, so a run resumed at any
 step sees exactly the data it would have seen. The global batch of a step (labels and
@@ -20,18 +26,21 @@ one perturbation seed per sample) is drawn from a generator seeded by
 `(seed, epoch, step)`; rank `r` takes samples `[r*B, (r+1)*B)` and renders only those.
 The global batch therefore does not depend on how it is split: world size 2 with batch
 4 sees the same samples as world size 1 with batch 8. Every rank runs
-`num_samples // (batch_size * world_size)` steps per epoch (the remainder is dropped),
-because ranks running different step counts deadlock in the collectives.
+`num_samples // (batch_size * world_size)` steps per epoch
+(`trainer.data.batches.steps_per_epoch`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from data_tools.face import INPUT_SIZE, MEAN, STD
+from trainer.data.batches import CPU, StepSource, steps_per_epoch
 
 Mode = Literal["identities", "noise"]
 
@@ -53,12 +62,13 @@ def _derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(parts).generate_state(1, np.uint64)[0] >> 1)
 
 
-class SyntheticIdentities:
+class SyntheticIdentities(StepSource):
     """Deterministic, resumable synthetic batches for one rank.
 
     `num_samples` is the number of images per epoch over all ranks, `batch_size` the
-    per-rank batch. Upsampled base images are cached in an LRU bounded to 64 MiB, so
-    memory stays small whatever `num_classes` is.
+    per-rank batch; `workers` DataLoader processes render them (0: this process) and
+    batches arrive normalised on `device`. Upsampled base images are cached in an LRU
+    bounded to 64 MiB, so memory stays small whatever `num_classes` is.
     """
 
     def __init__(
@@ -68,9 +78,11 @@ class SyntheticIdentities:
         batch_size: int,
         rank: int,
         world_size: int,
-        image_size: int = 112,
+        image_size: int = INPUT_SIZE,
         seed: int = 0,
         mode: Mode = "identities",
+        workers: int = 0,
+        device: torch.device = CPU,
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes {num_classes} must be >= 1")
@@ -86,13 +98,9 @@ class SyntheticIdentities:
             raise ValueError(f"seed {seed} must be >= 0")
         if mode not in ("identities", "noise"):
             raise ValueError(f"mode {mode!r} must be 'identities' or 'noise'")
-        global_batch = batch_size * world_size
-        if num_samples // global_batch < 1:
-            raise ValueError(
-                f"num_samples {num_samples} is less than one global batch "
-                f"(batch_size {batch_size} x world_size {world_size} = {global_batch}): "
-                f"zero steps per epoch; raise num_samples or lower batch_size"
-            )
+        self.steps_per_epoch = steps_per_epoch(
+            num_samples, batch_size, world_size, "num_samples", "raise num_samples or lower batch_size"
+        )
         self.num_classes = num_classes
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -101,12 +109,13 @@ class SyntheticIdentities:
         self.image_size = image_size
         self.seed = seed
         self.mode = mode
-        self.steps_per_epoch = num_samples // global_batch
+        self.workers = workers
+        self.device = device
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._cache_limit = max(1, _CACHE_BYTES // (3 * image_size * image_size * 4))
 
-    def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's `(images float32 [B, 3, S, S], labels int64 [B])` of one step."""
+    def raw_batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's `(pixels uint8 [B, 3, S, S], labels int64 [B])` of one step."""
         if epoch < 0:
             raise ValueError(f"epoch {epoch} must be >= 0")
         if not 0 <= step < self.steps_per_epoch:
@@ -122,24 +131,13 @@ class SyntheticIdentities:
             noise_gen = torch.Generator().manual_seed(
                 _derive_seed(self.seed, _TAG_NOISE, epoch, step, self.rank)
             )
-            return torch.randn(shape, generator=noise_gen), labels
+            return torch.randint(2, shape, generator=noise_gen, dtype=torch.uint8).mul_(255), labels
         images = torch.empty(shape)
         for i, (label, sample_seed) in enumerate(
             zip(labels.tolist(), sample_seeds[mine].tolist())
         ):
             images[i] = self._view(label, sample_seed)
-        return images, labels
-
-    def epoch_batches(
-        self, epoch: int, start_step: int = 0
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield `batch(epoch, s)` for s = start_step .. steps_per_epoch - 1."""
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(
-                f"start_step {start_step} must be in [0, steps_per_epoch={self.steps_per_epoch}]"
-            )
-        for step in range(start_step, self.steps_per_epoch):
-            yield self.batch(epoch, step)
+        return images.mul_(STD).add_(MEAN).round_().to(torch.uint8), labels
 
     def _view(self, label: int, sample_seed: int) -> torch.Tensor:
         """One perturbed view [3, S, S] of identity `label`, a function of `sample_seed`."""

@@ -2,14 +2,17 @@
 
 Records are read with `data_tools.recordio.RecordReader` (memory-mapped, opened lazily
 in each worker process: a mapping cannot be pickled), decoded with Pillow, flipped
-horizontally at random and normalised to `(x - 127.5) / 127.5` as CHW float32, the
-same transform as the DALI pipeline (`trainer.data.dali`). Workers hand over uint8
-batches (a quarter of the bytes of float32); the consumer normalises them on `device`.
+horizontally at random and normalised with the face contract (`data_tools.face`) as CHW
+float32, the same transform as the DALI pipeline (`trainer.data.dali`). Workers hand
+over uint8 batches; the consumer normalises them on `device` (`trainer.data.batches`).
+A record that cannot be read (an `.idx` offset off the framing, a damaged image, a
+label outside the classes) raises `DataError`: one line naming the shard, the record
+key and `arcshard-data verify`.
 
 Equal steps on every rank: epoch `e` orders all `N` records of the dataset by a
 permutation seeded by `(seed, e)` (the identity with `shuffle=False`), keeps the first
 `steps_per_epoch * B * W` of them (`steps_per_epoch = N // (B * W)`: at most one global
-batch is dropped per epoch) and gives rank `r` the contiguous slice
+batch is dropped per epoch: `trainer.data.batches.steps_per_epoch`) and gives rank `r` the contiguous slice
 `[r * steps * B, (r + 1) * steps * B)`. Every rank runs `steps_per_epoch` batches and
 the ranks together read each kept record exactly once per epoch. A batch, its flips
 included, is a pure function of `(seed, epoch, rank, step)`, so `epoch_batches` can
@@ -18,16 +21,16 @@ start at any step.
 
 from __future__ import annotations
 
-import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from data_tools.recordio import RecordReader, unpack
-
+from data_tools.face import INPUT_SIZE
+from data_tools.recordio import RecordReader, read_index, unpack
+from data_tools.shards import Rejected, decode, open_encoded
+from trainer.data.batches import CPU, StepSource, steps_per_epoch
 from trainer.data.errors import DataError
 
 _TAG_ORDER, _TAG_FLIP = 1, 2  # keep the seeds of the two random streams apart
@@ -37,8 +40,8 @@ def _generator(*parts: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(parts))
 
 
-class TorchRecordIO:
-    """This rank's batches of a RecordIO dataset; the loop's interface of `SyntheticIdentities`.
+class TorchRecordIO(StepSource):
+    """This rank's batches of a RecordIO dataset (a `trainer.data.source.BatchSource`).
 
     `rec_paths`/`idx_paths` list every shard in manifest order. Batches are
     `(images float32 [B, 3, H, W], labels int64 [B])` on `device`, decoded by `workers`
@@ -54,27 +57,24 @@ class TorchRecordIO:
         rank: int,
         world_size: int,
         seed: int,
-        image_size: int = 112,
+        image_size: int = INPUT_SIZE,
         workers: int = 2,
         shuffle: bool = True,
         flip: bool = True,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device = CPU,
     ) -> None:
         self.rec_paths = [Path(p) for p in rec_paths]
         self.idx_paths = [Path(p) for p in idx_paths]
         shard, key = [], []
         for i, idx in enumerate(self.idx_paths):
-            keys = [int(line.split(b"\t", 1)[0]) for line in idx.read_bytes().splitlines()]
+            keys = [k for k, _ in read_index(idx)]
             shard.append(np.full(len(keys), i, dtype=np.int32))
             key.append(np.asarray(keys, dtype=np.int64))
         self._shard, self._key = np.concatenate(shard), np.concatenate(key)
-        num_images = len(self._key)
-        self.steps_per_epoch = num_images // (batch_size * world_size)
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"{self.rec_paths[0].parent}: {num_images} images is less than one global batch "
-                f"({batch_size} x {world_size} ranks); lower data.batch_size"
-            )
+        self.dataset = self.rec_paths[0].parent
+        self.steps_per_epoch = steps_per_epoch(
+            len(self._key), batch_size, world_size, f"{self.dataset}: num_images", "lower data.batch_size"
+        )
         self.num_classes = num_classes
         self.batch_size = batch_size
         self.rank = rank
@@ -94,21 +94,6 @@ class TorchRecordIO:
         state["_mine"] = None
         return state
 
-    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield `batch(epoch, s)` for s = start_step .. steps_per_epoch - 1."""
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(
-                f"start_step {start_step} must be in [0, steps_per_epoch={self.steps_per_epoch}]"
-            )
-        steps = range(start_step, self.steps_per_epoch)
-        if self.workers == 0:
-            return (self.batch(epoch, s) for s in steps)
-        raw = torch.utils.data.DataLoader(
-            _Steps(self, epoch), batch_size=None, sampler=steps, num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4,
-        )
-        return (self._normalise(pixels, labels) for pixels, labels in raw)
-
     def records(self, epoch: int) -> np.ndarray:
         """Global record numbers (positions in manifest order) this rank reads in `epoch`, in order."""
         if self._mine is not None and self._mine[0] == epoch:
@@ -119,15 +104,6 @@ class TorchRecordIO:
         mine = order[self.rank * per_rank : (self.rank + 1) * per_rank]
         self._mine = (epoch, mine)
         return mine
-
-    def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's `(images, labels)` of one step."""
-        return self._normalise(*self.raw_batch(epoch, step))
-
-    def _normalise(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [B, 3, H, W] to float32 `(x - 127.5) / 127.5` on `device`."""
-        images = pixels.to(self.device, non_blocking=True).float().sub_(127.5).div_(127.5)
-        return images, labels.to(self.device, non_blocking=True)
 
     def raw_batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`batch` before normalisation: `(pixels uint8 [B, 3, H, W], labels int64 [B])`."""
@@ -147,37 +123,36 @@ class TorchRecordIO:
     def _decode(self, record: int, out: np.ndarray) -> int:
         """Decode record number `record` into `out` (H, W, 3 uint8); return its checked label."""
         shard, key = int(self._shard[record]), int(self._key[record])
-        reader = self._readers.get(shard)
-        if reader is None:
-            reader = self._readers[shard] = RecordReader(self.rec_paths[shard], self.idx_paths[shard])
-        header, payload = unpack(reader.read(key))
         where = f"{self.rec_paths[shard]}: record key {key}"
+        verify = f"run `arcshard-data verify {self.dataset}`"
+        try:
+            header, payload = unpack(self._reader(shard).read(key))
+        except ValueError as exc:  # framing: the .idx offset is not a record start, ...
+            reason = str(exc).removeprefix(f"{self.rec_paths[shard]}: ")
+            raise DataError(f"{where} cannot be read at its .idx offset ({reason}); {verify}") from None
         label = header.label
         if isinstance(label, tuple) or not (0 <= label < self.num_classes and label == int(label)):
             raise DataError(
                 f"{where} has label {label!r}, not a class id in [0, {self.num_classes}) "
                 "(manifest num_classes); rebuild the dataset"
             )
-        with Image.open(io.BytesIO(payload)) as image:
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            if image.size != (out.shape[1], out.shape[0]):
-                raise DataError(
-                    f"{where} is a {image.size[0]}x{image.size[1]} image, expected "
-                    f"{out.shape[1]}x{out.shape[0]}; rebuild the dataset with aligned faces"
-                )
-            out[...] = np.asarray(image)
+        try:
+            image = open_encoded(payload)
+            decode(image)  # a truncated or corrupt image raises here, not inside convert
+        except Rejected as exc:
+            raise DataError(f"{where}: {exc}; {verify}") from None
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        if rgb.size != (out.shape[1], out.shape[0]):
+            raise DataError(
+                f"{where} is a {rgb.size[0]}x{rgb.size[1]} image, expected "
+                f"{out.shape[1]}x{out.shape[0]}; rebuild the dataset with aligned faces"
+            )
+        out[...] = np.asarray(rgb)
         return int(label)
 
-
-class _Steps(torch.utils.data.Dataset):
-    """The batches of one epoch, indexed by step, for a DataLoader's workers."""
-
-    def __init__(self, source: TorchRecordIO, epoch: int) -> None:
-        self.source, self.epoch = source, epoch
-
-    def __len__(self) -> int:
-        return self.source.steps_per_epoch
-
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.source.raw_batch(self.epoch, step)
+    def _reader(self, shard: int) -> RecordReader:
+        """This process's reader of `shard`, opened on first use."""
+        reader = self._readers.get(shard)
+        if reader is None:
+            reader = self._readers[shard] = RecordReader(self.rec_paths[shard], self.idx_paths[shard])
+        return reader

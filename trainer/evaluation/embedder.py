@@ -1,8 +1,9 @@
 """Face images in, embeddings out: the one path every evaluation and the deploy tools share.
 
-* `preprocess` turns RGB uint8 faces into the network input, normalised exactly as the
-  training loaders do (`(pixel - 127.5) / 127.5`, CHW float32, 112x112: see
-  `trainer/data/torch_loader.py`, `trainer/data/dali.py`).
+* `preprocess` turns RGB uint8 faces into the network input with the face contract the
+  training data was made and loaded with (`data_tools.face`: 112x112, a non-square face
+  resized by its shorter side and centre-cropped as `arcshard-data build` does,
+  `(pixel - 127.5) / 127.5`, CHW float32).
 * An `Embedder` maps a normalised float32 NCHW batch to raw (unnormalised) embeddings:
   `TorchEmbedder` wraps a backbone module, `OnnxEmbedder` an exported ONNX model
   (onnxruntime, CPU). `load_embedder` picks one from a path.
@@ -17,12 +18,14 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from data_tools.face import INPUT_SIZE, fit, normalise
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-INPUT_SIZE = 112
-"""Side of the square, aligned face crop every backbone takes."""
+__all__ = ["INPUT_SIZE", "Embedder", "OnnxEmbedder", "TorchEmbedder", "embed", "l2_normalise",
+           "load_embedder", "preprocess"]
 
 _EPS = 1e-12  # L2 normalisation guard against an all-zero embedding
 
@@ -31,8 +34,9 @@ def preprocess(images: np.ndarray) -> np.ndarray:
     """RGB uint8 faces `[N, H, W, 3]` -> normalised network input float32 `[N, 3, 112, 112]`.
 
     Pixels map to `(pixel - 127.5) / 127.5`, the normalisation the training loaders
-    apply. Images whose side is not `INPUT_SIZE` are resized to 112x112 (Pillow,
-    bilinear); pass aligned, square face crops, since resizing does not align a face.
+    apply. Images whose side is not `INPUT_SIZE` get the training set's geometry
+    (`data_tools.face.fit`: shorter side to 112, centre crop); pass aligned face crops,
+    since resizing does not align a face.
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(
@@ -40,20 +44,10 @@ def preprocess(images: np.ndarray) -> np.ndarray:
             f"{list(images.shape)}"
         )
     if images.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
-        images = np.stack([resize(image) for image in images]) if len(images) else (
+        images = np.stack([fit(image) for image in images]) if len(images) else (
             np.zeros((0, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
         )
-    out = images.transpose(0, 3, 1, 2).astype(np.float32)
-    out -= 127.5
-    out /= 127.5
-    return out
-
-
-def resize(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """One RGB uint8 `[H, W, 3]` image resized to `[size, size, 3]` (Pillow, bilinear)."""
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+    return normalise(images.transpose(0, 3, 1, 2))
 
 
 @runtime_checkable
@@ -182,13 +176,13 @@ def load_embedder(path: str | Path, batch_size: int = 64, device: torch.device |
 
     A `.onnx` file gives an `OnnxEmbedder` (onnxruntime, CPU; `device` is ignored);
     anything else is a training run's output directory or a checkpoint directory,
-    loaded with `trainer.checkpoint.load_backbone` into a `TorchEmbedder` on `device`.
+    loaded with `trainer.checkpoint.backbone.load_backbone` into a `TorchEmbedder` on `device`.
     Raises `ValueError` (including `trainer.checkpoint.CheckpointError`) naming the path.
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return OnnxEmbedder(path, batch_size=batch_size)
-    from trainer.checkpoint import load_backbone
+    from trainer.checkpoint.backbone import load_backbone
 
     module, _config = load_backbone(path, map_location="cpu")
     return TorchEmbedder(module.to(device), device=device, batch_size=batch_size)

@@ -12,56 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from data_tools.manifest import Manifest, describe_shard, write_manifest
-from data_tools.recordio import IRHeader, RecordWriter, pack
+from tests.trainer.data.recordio_sets import CPU, jpeg, shards, write_dataset
 from tests.trainer.test_train import _metrics, _torchrun
 from trainer.config import ConfigError, load_config
-from trainer.data.recordio_source import dali_available, make_recordio_source, open_dataset
+from trainer.data.recordio_source import (
+    dali_available,
+    make_recordio_source,
+    open_dataset,
+)
 from trainer.data.synthetic import SyntheticIdentities
 from trainer.data.torch_loader import TorchRecordIO
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="needs the dali extra")
-CPU = torch.device("cpu")
-
-
-def jpeg(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def write_dataset(directory: Path, images: list[bytes], labels: list[int], shard_sizes: list[int],
-                  num_classes: int) -> Manifest:
-    """A dataset directory with shards of `shard_sizes` records (record i: labels[i], images[i])."""
-    assert sum(shard_sizes) == len(images) == len(labels)
-    directory.mkdir(parents=True, exist_ok=True)
-    shards, i = [], 0
-    for s, size in enumerate(shard_sizes):
-        rec, idx = f"train-{s:05d}.rec", f"train-{s:05d}.idx"
-        with RecordWriter(directory / rec, directory / idx) as writer:
-            for _ in range(size):
-                writer.write(pack(IRHeader(0, float(labels[i]), i, 0), images[i]))
-                i += 1
-        shards.append(describe_shard(directory, rec, idx, size))
-    manifest = Manifest(num_images=len(images), num_classes=num_classes, image_size=(112, 112),
-                        shards=shards)
-    write_manifest(directory, manifest)
-    return manifest
-
-
-@pytest.fixture(scope="module")
-def noise_set(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
-    """23 random 112x112 images in shards of 7, 5, 11; record i has label i."""
-    rng = np.random.default_rng(0)
-    pixels = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(23)]
-    directory = tmp_path_factory.mktemp("noise")
-    write_dataset(directory, [jpeg(p) for p in pixels], list(range(23)), [7, 5, 11], 23)
-    return directory, pixels
-
-
-def shards(directory: Path) -> tuple[list[Path], list[Path]]:
-    recs = sorted(directory.glob("train-*.rec"))
-    return recs, [r.with_suffix(".idx") for r in recs]
 
 
 def dali_loader(directory: Path, batch: int, rank: int, world: int, **kw):
@@ -179,7 +141,7 @@ def _refused(tmp_path: Path, dataset: Path, *overrides: str) -> str:
         [sys.executable, "trainer/train.py", "--config", "trainer/configs/cpu_demo.yaml",
          f"run.output_dir={tmp_path / 'run'}", "data.source=recordio", f"data.path={dataset}",
          *overrides],
-        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
@@ -265,7 +227,7 @@ def test_bad_label_mid_run_is_one_line_and_exit_5(tmp_path, workers):
          f"data.path={tmp_path / 'data'}", "data.num_classes=null", "data.loader=torch",
          f"data.workers={workers}", "data.batch_size=2", "run.max_steps=8",
          "backbone.embedding_size=16"],
-        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 5, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr
