@@ -51,3 +51,18 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> str:
     raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     write_atomic_with(path, lambda f: f.write(raw))
     return hashlib.sha256(raw).hexdigest()
+
+
+def publish(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Atomically move a finished temporary file `tmp` (written and checked by the
+    caller, in `path`'s directory) to `path`: fsync it, make it 0644, rename, fsync the
+    directory. For files a library writes itself (an ONNX model checked before it may
+    replace the old one)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)

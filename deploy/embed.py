@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy.cli_common import EXIT_OK, positive_int, run_reporting_errors
+from deploy.cli_common import EXIT_OK, add_weights_arguments, positive_int, run_reporting_errors, weights_model
 
 PROG = "arcshard-embed"
 DEFAULT_BATCH_SIZE = 32
@@ -38,9 +38,11 @@ DEFAULT_WORKERS = 4
 
 
 def _model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, metavar="MODEL.onnx",
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, metavar="MODEL.onnx",
                         help="ONNX model from `arcshard-export onnx` (or a run / checkpoint dir, "
                         "embedded with PyTorch)")
+    add_weights_arguments(parser, source)
 
 
 def embed_parser() -> argparse.ArgumentParser:
@@ -88,10 +90,15 @@ def compare_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_embedder(model: Path, batch_size: int):
-    """`trainer.evaluation.embedder.load_embedder`, refusing a file that is not `.onnx`
-    (which it would take for a checkpoint directory)."""
-    from trainer.evaluation.embedder import load_embedder
+def _load_embedder(args: argparse.Namespace, batch_size: int):
+    """The `--weights` backbone, else `trainer.evaluation.embedder.load_embedder` of
+    `--model`, refusing a file that is not `.onnx` (which it would take for a checkpoint
+    directory)."""
+    from trainer.evaluation.embedder import TorchEmbedder, load_embedder
+
+    if args.weights is not None:
+        return TorchEmbedder(weights_model(args)[0], batch_size=batch_size)
+    model = args.model
 
     if model.is_file() and model.suffix.lower() != ".onnx":
         raise ValueError(
@@ -131,7 +138,7 @@ def embed_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from deploy.images import expand_paths, read_list
-    from deploy.model_card import write_atomic
+    from data_tools.atomic import write_atomic
     from trainer.evaluation.embedder import embed, preprocess
 
     if args.out.suffix.lower() != ".npy":
@@ -141,7 +148,7 @@ def embed_command(args: argparse.Namespace) -> int:
     paths = expand_paths(args.images) + (read_list(args.list) if args.list is not None else [])
     if not paths:
         raise ValueError(f"no image files found in {' '.join(map(str, args.images)) or args.list}")
-    embedder = _load_embedder(args.model, args.batch_size)
+    embedder = _load_embedder(args, args.batch_size)
     rows: list[np.ndarray] = []
     kept: list[Path] = []
     skipped: list[str] = []
@@ -188,12 +195,12 @@ def compare_command(args: argparse.Namespace) -> int:
     from deploy.model_card import read_card, threshold_of
     from trainer.evaluation.embedder import embed, preprocess
 
-    card = read_card(args.model) if args.model.suffix.lower() == ".onnx" else None
+    card = read_card(args.model) if args.model is not None and args.model.suffix.lower() == ".onnx" else None
     threshold = threshold_of(card)
     cosine_threshold = threshold.cosine if args.threshold is None else args.threshold
     flip = threshold.flip if args.flip is None else args.flip
     faces = np.stack([load_face(args.a), load_face(args.b)])
-    embedder = _load_embedder(args.model, batch_size=2)
+    embedder = _load_embedder(args, batch_size=2)
     a, b = embed(embedder, preprocess(faces), flip=flip)
     cosine = float(np.dot(a, b))
     verdict = "same" if cosine >= cosine_threshold else "different"

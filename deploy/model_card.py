@@ -26,10 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from data_tools.atomic import write_atomic
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -45,7 +46,6 @@ __all__ = [
     "threshold_of",
     "threshold_target",
     "training_provenance",
-    "write_atomic",
     "write_card",
 ]
 
@@ -256,19 +256,3 @@ def threshold_of(card: dict[str, Any] | None) -> Threshold:
         return Threshold(DEFAULT_THRESHOLD, True, "default (no model.json)")
     t = card["threshold"]
     return Threshold(float(t["cosine"]), bool(t["flip"]), str(t["source"]))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_tools.atomic import publish
 from trainer.evaluation.embedder import INPUT_SIZE, OnnxEmbedder, TorchEmbedder
 
 __all__ = [
@@ -155,8 +156,6 @@ def export_onnx(
         ExportError: the exporter, the checker or the graph signature failed.
         ParityError: a cosine similarity fell below `COSINE_BOUND`.
     """
-    import onnx
-
     out = Path(out)
     if batch is not None and batch < 1:
         raise ExportError(f"batch size must be >= 1 or dynamic, got {batch}")
@@ -168,38 +167,55 @@ def export_onnx(
     tmp = Path(tmp_name)
     try:
         _trace(exported, tmp, opset, batch)
-        model = onnx.load(str(tmp))
-        for key, value in (metadata or {}).items():
-            model.metadata_props.add(key=key, value=value)
-        model.producer_name = "arcshard"
-        onnx.save(model, str(tmp))
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"{out}: the exported graph fails onnx.checker: {_first_line(exc)}") from None
-        check_graph(model, batch, out)
-        inputs = {"random inputs": random_inputs(random_count), **(parity_inputs or {})}
-        if fp16:
-            peak = max(largest_activation(reference, images) for images in inputs.values())
-            if not peak <= FLOAT16_MAX:
-                raise ParityError(
-                    f"{out}: activations reach {peak:.3g}, beyond float16's range ({FLOAT16_MAX:.0f}); "
-                    "nothing was written; export it without --fp16"
-                )
-        results = [check_parity(reference, tmp, images, name) for name, images in inputs.items()]
-        bound = COSINE_BOUND["fp16" if fp16 else "fp32"]
-        failed = [r for r in results if not r.min_cosine >= bound]  # NaN fails too
-        if failed:
-            raise ParityError(
-                f"{out}: onnxruntime disagrees with PyTorch ({'; '.join(r.line() for r in failed)}); "
-                f"the bound is cosine >= {bound}; nothing was written"
-                + ("; export it without --fp16" if fp16 else "")
-            )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        _stamp_and_check(tmp, out, metadata or {}, batch)
+        results = _parity(reference, tmp, out, fp16, random_count, parity_inputs or {})
+        publish(tmp, out)
         return results
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _stamp_and_check(tmp: Path, out: Path, metadata: dict[str, str], batch: int | None) -> None:
+    """Add `metadata` and the producer name to the graph at `tmp`; onnx.checker and the
+    graph signature must pass."""
+    import onnx
+
+    model = onnx.load(str(tmp))
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "arcshard"
+    onnx.save(model, str(tmp))
+    try:
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{out}: the exported graph fails onnx.checker: {_first_line(exc)}") from None
+    check_graph(model, batch, out)
+
+
+def _parity(
+    reference: nn.Module, tmp: Path, out: Path, fp16: bool, random_count: int,
+    parity_inputs: dict[str, np.ndarray],
+) -> list:
+    """onnxruntime on `tmp` against PyTorch on random and the given images; raises
+    ParityError (nothing is written) below the cosine bound."""
+    inputs = {"random inputs": random_inputs(random_count), **parity_inputs}
+    if fp16:
+        peak = max(largest_activation(reference, images) for images in inputs.values())
+        if not peak <= FLOAT16_MAX:
+            raise ParityError(
+                f"{out}: activations reach {peak:.3g}, beyond float16's range ({FLOAT16_MAX:.0f}); "
+                "nothing was written; export it without --fp16"
+            )
+    results = [check_parity(reference, tmp, images, name) for name, images in inputs.items()]
+    bound = COSINE_BOUND["fp16" if fp16 else "fp32"]
+    failed = [r for r in results if not r.min_cosine >= bound]  # NaN fails too
+    if failed:
+        raise ParityError(
+            f"{out}: onnxruntime disagrees with PyTorch ({'; '.join(r.line() for r in failed)}); "
+            f"the bound is cosine >= {bound}; nothing was written"
+            + ("; export it without --fp16" if fp16 else "")
+        )
+    return results
 
 
 def largest_activation(module: nn.Module, images: np.ndarray) -> float:

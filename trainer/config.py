@@ -21,10 +21,10 @@ gives an equal `Config`.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,6 +32,9 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from data_tools.atomic import write_atomic
+from data_tools.face import INPUT_SIZE
 
 __all__ = [
     "BackboneConfig",
@@ -51,7 +54,7 @@ __all__ = [
 ]
 
 # Every backbone in trainer.backbones takes 112x112 faces (their `input_size`).
-_BACKBONE_INPUT_SIZE = 112
+_BACKBONE_INPUT_SIZE = INPUT_SIZE  # data_tools.face: the contract every layer shares
 
 
 class ConfigError(ValueError):
@@ -114,17 +117,42 @@ class BackboneConfig:
     # torch.compile the backbone's forward (nn.Module.compile, in place: state_dict keys,
     # checkpoints and ONNX export stay the eager module's); the classifier stays eager
     compile: bool = False
+    # weights to start a new run from (ignored when resuming): an arcface_torch backbone.pth /
+    # model.pt / checkpoint_gpu_0.pt, or an arcshard run, checkpoint dir or backbone.pt
+    init: str | None = None
+    # ViT only (null: the backbone's own default, arcface_torch's): stochastic-depth rate
+    # of the last block (linear from 0) and the share of patches masked in training
+    drop_path_rate: float | None = _bounded(None, ge=0, lt=1)
+    mask_ratio: float | None = _bounded(None, ge=0, lt=1)
+    # blocks: recompute each residual / transformer block in backward instead of saving
+    # its activations (torch.utils.checkpoint, non-reentrant): less memory, ~1/3 more compute
+    activation_checkpointing: Literal["none", "blocks"] = "none"
 
 
 @dataclass
 class MarginConfig:
-    """Target logit s*(cos(m1*theta + m2) - m3): ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4)."""
+    """combined: target logit s*(cos(m1*theta + m2) - m3), ArcFace (1, 0.5, 0), CosFace
+    (1, 0, 0.4); curricular: CurricularFace (s, m2, t_momentum); adaface: AdaFace (s, m,
+    h, t_alpha). Formulas: trainer/margins.py."""
 
+    type: Literal["combined", "curricular", "adaface"] = "combined"
     s: float = _bounded(64.0, gt=0)
     m1: float = _bounded(1.0, ge=1)
     m2: float = _bounded(0.5, ge=0)
     m3: float = _bounded(0.0, ge=0)
     interclass_filter: float = _bounded(0.0, ge=0, lt=1)  # 0 disables; otherwise a cosine threshold
+    t_momentum: float = _bounded(0.01, ge=0, le=1)  # curricular: running mean of the target cosine
+    m: float = _bounded(0.4, ge=0, lt=1.5)  # adaface: margin
+    h: float = _bounded(0.333, gt=0)  # adaface: scale of the standardised norm
+    t_alpha: float = _bounded(0.01, ge=0, le=1)  # adaface: momentum of the norm mean/std
+
+
+# The margin keys each margin.type reads (besides type): any other must stay at its default.
+MARGIN_KEYS = {
+    "combined": ("s", "m1", "m2", "m3", "interclass_filter"),
+    "curricular": ("s", "m2", "t_momentum"),
+    "adaface": ("s", "m", "h", "t_alpha"),
+}
 
 
 @dataclass
@@ -135,6 +163,7 @@ class PartialFCConfig:
     storage: Literal["fp32", "bf16", "fp16"] = "fp32"
     # host: centres and momentum live in host memory, sampled rows are copied to the device
     offload: Literal["none", "host"] = "none"
+    subcenters: int = _bounded(1, ge=1)  # sub-center ArcFace: centres per class (1: off)
 
 
 @dataclass
@@ -149,6 +178,15 @@ class OptimConfig:
     power: float = _bounded(2.0, gt=0)  # polynomial exponent
     min_lr: float = _bounded(0.0, ge=0)  # must not exceed lr
     grad_accum_steps: int = _bounded(1, ge=1)
+    # train only the classifier for the first N steps (backbone and its BatchNorm statistics frozen)
+    freeze_backbone_steps: int = _bounded(0, ge=0)
+    # learning rate of each part as a multiple of the scheduled one (fine-tuning a
+    # pretrained backbone: backbone_lr_scale < 1)
+    backbone_lr_scale: float = _bounded(1.0, ge=0)
+    classifier_lr_scale: float = _bounded(1.0, ge=0)
+    # weight decay of each part; null: optim.weight_decay
+    backbone_weight_decay: float | None = _bounded(None, ge=0)
+    classifier_weight_decay: float | None = _bounded(None, ge=0)
 
 
 @dataclass
@@ -157,7 +195,7 @@ class DataConfig:
     path: str | None = None  # dataset directory; required (and must exist) for recordio
     batch_size: int = _bounded(128, ge=1)  # per rank
     workers: int = _bounded(2, ge=0)  # loader processes (torch) or threads (DALI)
-    # recordio: must match the manifest; null takes it from the manifest (recordio only)
+    # synthetic: the class count; recordio: the manifest's unless set (then checked against it)
     num_classes: int | None = _bounded(1000, ge=1)
     num_samples: int = _bounded(10000, ge=1)  # synthetic: images per epoch
     image_size: int = 112  # side of the square input faces; the backbones need 112
@@ -195,6 +233,8 @@ class MetricsConfig:
     address: str = "0.0.0.0"  # interface the exporter listens on (127.0.0.1: this host only)
     pushgateway: str | None = None  # Pushgateway URL to push to (short jobs); null disables
     push_every_s: float = _bounded(15.0, gt=0)  # seconds between pushes (and one at the end)
+    # TensorBoard event files in run.output_dir/tensorboard (rank 0); null: when installed
+    tensorboard: bool | None = None
 
 
 @dataclass
@@ -370,6 +410,17 @@ def _check_bounds(cfg: Config) -> None:
                 raise ConfigError(f"{name}.{f.name}: must be {bounds}, got {value}")
 
 
+def _check_margin(margin: MarginConfig) -> None:
+    """Refuse a margin key the chosen margin.type would silently ignore."""
+    defaults, used = MarginConfig(), MARGIN_KEYS[margin.type]
+    for f in fields(margin):
+        if f.name not in (*used, "type") and getattr(margin, f.name) != getattr(defaults, f.name):
+            raise ConfigError(
+                f"margin.{f.name}: does not apply to margin.type {margin.type} (it reads "
+                f"{', '.join(used)}); remove it or choose another margin.type"
+            )
+
+
 def _check_consistency(cfg: Config) -> None:
     from trainer.backbones import available_backbones  # imports torch: only when validating
 
@@ -383,6 +434,21 @@ def _check_consistency(cfg: Config) -> None:
             f"data.image_size: must be {_BACKBONE_INPUT_SIZE} (the backbones' input size), "
             f"got {cfg.data.image_size}"
         )
+    from trainer.backbones import supports_activation_checkpointing
+
+    checkpointing = cfg.backbone.activation_checkpointing
+    if checkpointing != "none" and not supports_activation_checkpointing(cfg.backbone.name):
+        raise ConfigError(
+            f"backbone.activation_checkpointing: {checkpointing!r} is for iresnet* and vit_* "
+            f"backbones, not {cfg.backbone.name}; set it to none"
+        )
+    vit_keys = [k for k in ("drop_path_rate", "mask_ratio") if getattr(cfg.backbone, k) is not None]
+    if vit_keys and not cfg.backbone.name.startswith("vit_"):
+        raise ConfigError(
+            f"backbone.{vit_keys[0]}: applies to ViT backbones (vit_*) only, not "
+            f"{cfg.backbone.name}; set it to null"
+        )
+    _check_margin(cfg.margin)
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr: must be <= optim.lr ({cfg.optim.lr}), got {cfg.optim.min_lr}")
     if cfg.data.source == "synthetic" and cfg.data.num_classes is None:
@@ -393,6 +459,16 @@ def _check_consistency(cfg: Config) -> None:
         _require_path("data.path", cfg.data.path)
     for i, target in enumerate(cfg.eval.targets):
         _require_path(f"eval.targets[{i}]", target)
+    if cfg.optim.freeze_backbone_steps and cfg.backbone.precision == "fp16":
+        raise ConfigError(
+            "optim.freeze_backbone_steps: not supported with backbone.precision=fp16 (the loss "
+            "scaler needs backbone gradients); use bf16 or fp32"
+        )
+    if cfg.metrics.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "metrics.tensorboard: true needs the tensorboard package: install the extra "
+            "(pip install 'arcshard[tensorboard]') or set metrics.tensorboard=false"
+        )
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
@@ -404,6 +480,8 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     sections = {} if path is None else _read_file(path)
     for override in overrides:
         _apply_override(sections, override)
+    if sections.get("data", {}).get("source") == "recordio" and "num_classes" not in sections["data"]:
+        sections["data"]["num_classes"] = None  # the manifest's count (trainer.data.source)
     cfg = _build(sections)
     _check_bounds(cfg)
     _check_consistency(cfg)
@@ -411,25 +489,12 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
 
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
-    """Write `cfg.to_yaml()` to `path` atomically (temp file in the same directory + os.replace),
-    creating the directory if needed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(cfg.to_yaml())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `cfg.to_yaml()` to `path` atomically, creating the directory if needed."""
+    write_atomic(path, cfg.to_yaml())
 
 
 # Config keys whose change makes a checkpoint unusable: they fix tensor shapes.
-SHAPE_KEYS = ("data.num_classes", "backbone.embedding_size", "backbone.name")
+SHAPE_KEYS = ("data.num_classes", "backbone.embedding_size", "backbone.name", "partial_fc.subcenters")
 
 
 def config_changes(saved: Config, current: Config) -> tuple[list[str], list[str]]:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from data_tools import face
 from trainer.evaluation.embedder import INPUT_SIZE, Embedder, TorchEmbedder, embed, preprocess
 
 if TYPE_CHECKING:
@@ -205,9 +206,7 @@ def decode_image(data: Any, size: int = INPUT_SIZE) -> np.ndarray:
     if pixels is None:
         with Image.open(io.BytesIO(data)) as image:
             pixels = np.asarray(image.convert("RGB"))
-    if pixels.shape[:2] != (size, size):
-        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
-    return pixels
+    return face.fit(pixels, size)  # a non-square image: cropped as training images are
 
 
 # ---------------------------------------------------------------------------- metrics
