@@ -6,6 +6,8 @@
     .venv/bin/python benchmarks/pfc_step.py --classes 2000000 --rates 0.1 --impls sparse --profile
     .venv/bin/python benchmarks/pfc_step.py --classes 2M --rates 0.1 --impls sparse \
         --storages fp32,bf16,fp16 --offloads none,host      # class-centre storage columns
+    .venv/bin/python benchmarks/pfc_step.py --classes 2M --rates 0.1 --impls sparse \
+        --margins arcface,curricular,adaface --subcenters 1,3   # the margin losses
 
 Every (classes, rate, impl) row runs in a FRESH 2-process gloo group (TCP on 127.0.0.1,
 one torch thread per rank), one group at a time, so each row's peak RSS is its own. A
@@ -23,6 +25,10 @@ shard at rate 1) instead of a detached copy, so autograd gives the shard a dense
 [num_local, D] gradient, and `torch.optim.SGD([weight], momentum 0.9, wd 5e-4)` updates
 every row (fp32 storage, no offload only). Both run PartialFC's fused forward/backward;
 the difference is exactly the dense gradient and update.
+--margins (arcface = CombinedMargin(64, 1, 0.5, 0), curricular = CurricularFace(),
+adaface = AdaFace(), trainer/margins.py defaults) and --subcenters K (sub-center ArcFace:
+K centres per class, the shard K times larger) vary the sparse rows' loss; dense rows are
+always ArcFace with K = 1, the baseline.
 
 A watchdog kills a row's workers when their RSS together exceeds --mem-limit-gib (default:
 the memory available when the row starts minus 1.5 GiB) and reports the row as failed; a
@@ -83,6 +89,7 @@ def worker(cfg: dict, out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from trainer.margins import AdaFace, CombinedMargin, CurricularFace
     from trainer.optim import ShardSGD
     from trainer.partial_fc import PartialFC
 
@@ -100,8 +107,10 @@ def worker(cfg: dict, out_path: str) -> None:
     lr, momentum, wd = 0.1, 0.9, 5e-4
     C, D, B = cfg["classes"], cfg["dim"], cfg["batch"]
     if cfg["impl"] == "sparse":
+        margin = {"arcface": lambda: CombinedMargin(64.0, 1.0, 0.5, 0.0),
+                  "curricular": CurricularFace, "adaface": AdaFace}[cfg["margin"]]()
         pfc = PartialFC(C, D, sample_rate=cfg["rate"], seed=0, storage=cfg["storage"],
-                        offload=cfg["offload"])
+                        offload=cfg["offload"], margin=margin, subcenters=cfg["subcenters"])
         rss["after_model"] = proc.memory_info().rss / GIB
         opt = ShardSGD(pfc, lr=lr, momentum=momentum, weight_decay=wd)
     else:
@@ -199,16 +208,16 @@ def est_gib_per_rank(cfg: dict) -> float:
         shard_copies, sampled_copies = 4, (1 if every_row else 3)
     shard_bytes = 4 if cfg["storage"] == "fp32" else 2
     staging = 6 * sampled * shard_bytes if cfg["offload"] == "host" else 0  # host + device
-    return 0.35 + (shard_copies * num_local * shard_bytes + sampled_copies * sampled * 4
-                   + staging) * cfg["dim"] / GIB
+    rows = shard_copies * num_local * shard_bytes + sampled_copies * sampled * 4 + staging
+    return 0.35 + rows * cfg["subcenters"] * cfg["dim"] / GIB
 
 
 def run_row(cfg: dict, mem_limit_gib: float | None, timeout: float) -> dict:
     """Run one config in a fresh 2-process group; return the row (with 'error' on failure)."""
     if mem_limit_gib is None:
         mem_limit_gib = default_mem_limit_gib()
-    row = {k: cfg[k] for k in ("classes", "rate", "impl", "storage", "offload", "dim", "batch",
-                               "warmup", "steps")}
+    row = {k: cfg[k] for k in ("classes", "rate", "impl", "storage", "offload", "margin",
+                               "subcenters", "dim", "batch", "warmup", "steps")}
     need = WORLD_SIZE * est_gib_per_rank(cfg)
     if need > mem_limit_gib:
         row["error"] = (f"skipped: {WORLD_SIZE} ranks need about {need:.0f} GiB, "
@@ -263,23 +272,26 @@ def code_version() -> str:
 
 
 def find(rows: list[dict], classes: int, rate: float, impl: str, storage: str = "fp32",
-         offload: str = "none") -> dict | None:
+         offload: str = "none", margin: str = "arcface", subcenters: int = 1) -> dict | None:
+    want = (classes, rate, impl, storage, offload, margin, subcenters)
     for r in rows:
-        if (r["classes"], r["rate"], r["impl"], r["storage"], r["offload"]) == (
-                classes, rate, impl, storage, offload):
+        if tuple(r[k] for k in ("classes", "rate", "impl", "storage", "offload", "margin",
+                                "subcenters")) == want:
             return r
     return None
 
 
 def print_table(rows: list[dict]) -> None:
     head = f"{'classes':>8} {'rate':>5} {'impl':>6} {'storage':>7} {'offload':>7} " \
+           f"{'margin':>10} {'K':>2} " \
            f"{'sampled/rank':>12} {'s/step':>8} {'cpu s/step':>10} {'peak RSS/rank GiB':>18} " \
            f"{'speed-up':>8} {'load':>5}"
     print(head)
     print("-" * len(head))
     for r in rows:
         cls, rate = fmt_classes(r["classes"]), f"{r['rate']:g}"
-        kind = f"{r['impl']:>6} {r['storage']:>7} {r['offload']:>7}"
+        kind = (f"{r['impl']:>6} {r['storage']:>7} {r['offload']:>7} {r['margin']:>10} "
+                f"{r['subcenters']:>2}")
         if not ok(r):
             first = r["error"].splitlines()[0]
             word = "SKIPPED" if r.get("skipped") else "FAILED"
@@ -287,7 +299,7 @@ def print_table(rows: list[dict]) -> None:
             continue
         rss = " / ".join(f"{x:.2f}" for x in r["peak_rss_gib"])
         speed = ""
-        if r["impl"] == "sparse":
+        if r["impl"] == "sparse" and (r["margin"], r["subcenters"]) == ("arcface", 1):
             dense = find(rows, r["classes"], r["rate"], "dense")
             if ok(dense):
                 speed = f"{dense['median_s'] / r['median_s']:.1f}x"
@@ -356,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                         "fp16 (default fp32)")
     p.add_argument("--offloads", default="none",
                    help="comma list for sparse rows: none, host (default none)")
+    p.add_argument("--margins", default="arcface",
+                   help="comma list for sparse rows: arcface, curricular, adaface (default arcface)")
+    p.add_argument("--subcenters", default="1",
+                   help="comma list of sub-centres per class K for sparse rows (default 1)")
     p.add_argument("--dim", type=int, default=512, help="embedding size D (default 512)")
     p.add_argument("--batch", type=int, default=128, help="batch per rank (default 128)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default 2)")
@@ -392,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--storages: use fp32, bf16 and/or fp16, got {args.storages}")
     if any(o not in ("none", "host") for o in offloads):
         p.error(f"--offloads: use none and/or host, got {args.offloads}")
+    margins = parse_list(args.margins, str)
+    subcenters = parse_list(args.subcenters, int)
+    if any(m not in ("arcface", "curricular", "adaface") for m in margins):
+        p.error(f"--margins: use arcface, curricular and/or adaface, got {args.margins}")
+    if any(k < 1 for k in subcenters):
+        p.error(f"--subcenters must be >= 1, got {args.subcenters}")
 
     machine = machine_info(args.threads)
     machine["code"] = code_version()
@@ -402,13 +424,16 @@ def main(argv: list[str] | None = None) -> int:
           f"group per row\n", flush=True)
 
     rows = []
-    variants = [(impl, storage, offload) for impl in impls
+    variants = [(impl, storage, offload, margin, k) for impl in impls
                 for storage in (storages if impl == "sparse" else ["fp32"])
-                for offload in (offloads if impl == "sparse" else ["none"])]
+                for offload in (offloads if impl == "sparse" else ["none"])
+                for margin in (margins if impl == "sparse" else ["arcface"])
+                for k in (subcenters if impl == "sparse" else [1])]
     for c in classes:
         for r in rates:
-            for impl, storage, offload in variants:
+            for impl, storage, offload, margin, k in variants:
                 cfg = dict(classes=c, rate=r, impl=impl, storage=storage, offload=offload,
+                           margin=margin, subcenters=k,
                            dim=args.dim, batch=args.batch, warmup=args.warmup, steps=args.steps,
                            threads=args.threads, profile=args.profile,
                            collective_timeout=max(600, args.row_timeout))
@@ -421,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 status = (f"median {row['median_s']:.3f} s/step, peak RSS "
                           f"{max(row['peak_rss_gib']):.2f} GiB/rank" if ok(row)
                           else row["error"] if row.get("skipped") else "FAILED:\n" + row["error"])
-                print(f"[{fmt_classes(c)} r={r:g} {impl} {storage} {offload}] {status} "
+                print(f"[{fmt_classes(c)} r={r:g} {impl} {storage} {offload} {margin} K={k}] {status} "
                       f"(row took {row['wall_s']:.0f} s)", flush=True)
                 if ok(row) and row.get("profile"):
                     print(f"\nprofile of one step, rank 0 ({fmt_classes(c)}, r={r:g}, {impl}):")

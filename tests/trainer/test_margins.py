@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trainer.margins import CombinedMargin
+from trainer.margins import AdaFace, CombinedMargin, CurricularFace
 
 MARGINS = {
     "arcface": (64.0, 1.0, 0.5, 0.0),
@@ -112,3 +112,75 @@ def test_interclass_filter_zeroes_confusing_negatives_but_never_the_target():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         CombinedMargin(**kwargs)
+
+
+# ------------------------------------------------------------ CurricularFace and AdaFace
+
+
+def _cosines_and_cols(n=6, k=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cos = (torch.rand(n, k, generator=g, dtype=torch.float64) * 1.6 - 0.8).requires_grad_()
+    return cos, torch.randint(0, k, (n,), generator=g)
+
+
+def test_curricular_face_reweights_only_hard_negatives_and_differentiates_exactly():
+    margin = CurricularFace(4.0, 0.5, t_momentum=0.3)
+    cos, cols = _cosines_and_cols()
+    margin.eval()  # statistics frozen: t stays what we set
+    margin.t.fill_(0.4)
+    logits = margin(cos, cols)
+    target = torch.cos(torch.acos(cos.detach().gather(1, cols[:, None])) + 0.5)
+    hard = cos.detach() > target
+    expected = torch.where(hard, cos.detach() * (0.4 + cos.detach()), cos.detach())
+    expected.scatter_(1, cols[:, None], target)
+    torch.testing.assert_close(logits, 4.0 * expected)
+    assert hard.sum() > 0 and (~hard).sum() > 0
+    assert torch.autograd.gradcheck(lambda c: margin(c, cols), (cos,))
+
+
+def test_curricular_face_t_follows_the_target_cosine_mean_in_training():
+    margin = CurricularFace(4.0, 0.5, t_momentum=0.25)
+    cos, cols = _cosines_and_cols()
+    margin(cos, cols)
+    mean = cos.detach().gather(1, cols[:, None]).mean()
+    torch.testing.assert_close(margin.t, 0.25 * mean)
+    assert margin.statistics() == {"t": pytest.approx(float(0.25 * mean))}
+
+
+@pytest.mark.parametrize("z", [-1.0, 0.0, 1.0])
+def test_adaface_target_logit_is_monotone_and_continuous_at_every_quality(z):
+    margin = AdaFace(1.0, 0.4, h=1.0, t_alpha=0.0)
+    margin.norm_mean.fill_(10.0)
+    margin.norm_std.fill_(1.0 - 1e-3)  # ẑ = (‖x‖ − 10) / 1
+    cos = torch.linspace(-1, 1, 20001, dtype=torch.float64).unsqueeze(1)
+    norms = torch.full((cos.shape[0],), 10.0 + z, dtype=torch.float64)
+    t = margin.target_logit(cos, norms).squeeze(1)
+    assert (t[1:] - t[:-1] >= -1e-12).all()  # non-decreasing in cos: non-increasing in θ
+    assert (t[1:] - t[:-1]).abs().max() < 1e-2  # no jump
+    theta = torch.acos(cos.squeeze(1).clamp(-1 + 1e-12, 1 - 1e-12))
+    mid = (theta > 0.5) & (theta < math.pi - 0.5)
+    torch.testing.assert_close(t[mid], torch.cos(theta[mid] - 0.4 * z) - (0.4 * z + 0.4))
+
+
+def test_adaface_needs_norms_and_is_exactly_differentiable():
+    margin = AdaFace(4.0, 0.4, 0.333, 0.5)
+    cos, cols = _cosines_and_cols()
+    norms = torch.tensor([1.0, 5.0, 20.0, 40.0, 90.0, 300.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="norms"):
+        margin(cos, cols)
+    margin.eval()
+    assert torch.autograd.gradcheck(lambda c: margin(c, cols, norms), (cos,))
+    margin.train()
+    margin(cos, cols, norms)
+    clipped = norms.clamp(1e-3, 100.0)
+    torch.testing.assert_close(margin.norm_mean, 0.5 * 20.0 + 0.5 * clipped.mean())
+    torch.testing.assert_close(margin.norm_std, 0.5 * 100.0 + 0.5 * clipped.std())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CurricularFace(0.0), lambda: CurricularFace(64.0, t_momentum=1.5),
+    lambda: AdaFace(64.0, h=0.0), lambda: AdaFace(64.0, t_alpha=-0.1), lambda: AdaFace(64.0, m=2.0),
+])
+def test_invalid_margin_parameters_are_refused(make):
+    with pytest.raises(ValueError):
+        make()

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from trainer.margins import CombinedMargin
+from trainer.margins import Margin
 
 # torch 2.13 renamed the tensor collectives (the old names warn); older torch has only those.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -83,64 +83,71 @@ def _row_dot(a: Tensor, b: Tensor, chunk: int = 8192) -> Tensor:
 class ShardMarginSoftmax(torch.autograd.Function):
     """Cosines → margin logits → distributed softmax cross-entropy, fused for memory.
 
-    forward(x_hat [N, D] unit rows, sub [K, D] sampled centres (not normalised),
-    target_cols [N] (column of sample i's class here, −1 if another rank owns it))
-    returns the mean loss over the N samples, the same on every rank:
+    forward(x_hat [N, D] unit rows, sub [S·K, D] sampled centres (not normalised; K
+    consecutive sub-centres per sampled class), target_cols [N] (column of sample i's
+    class among the S here, −1 if another rank owns it), norms [N] (the embeddings'
+    norms, for AdaFace), margin, group, workspace, K) returns the mean loss over the N
+    samples, the same on every rank:
 
-        cos = x_hat · (sub / |sub|)ᵀ,  logits = margin(cos),
+        cos = max_k x_hat · (sub / |sub|)ᵀ,  logits = margin(cos),
         loss_i = log Σ_{all ranks' columns} exp(logit) − logit_target
 
     with all-reduce MAX of the row maxima and one all-reduce SUM of (exp-sum, target
-    logit). One [N, K] buffer holds cosines, then logits, then probabilities, then the
-    gradient; the normalised centres are never materialised (their norms scale the
-    columns instead). The target logit's derivative is taken by autograd from
-    `CombinedMargin.target_logit` on the N target cosines, so the margin's math lives
-    in one place. Backward needs no communication.
+    logit) (CurricularFace adds one of the target cosines). One [N, S·K] buffer holds
+    the cosines, then (K = 1) logits, probabilities and gradient; with K > 1 the class
+    cosines (max over each class's sub-centres) go to a second [N, S] buffer and the
+    gradient reaches the arg-max sub-centre only. The normalised centres are never
+    materialised (their norms scale the columns instead). The margin's math and
+    derivatives live in `Margin.shard_logits_`. Backward needs no communication.
     """
 
     @staticmethod
-    def forward(ctx, x_hat, sub, target_cols, margin: CombinedMargin, group, ws: Workspace):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x_hat, sub, target_cols, norms, margin: Margin, group, ws: Workspace, k: int = 1
+    ):
         n = x_hat.shape[0]
         has_target = (target_cols >= 0).unsqueeze(1)
         col = target_cols.clamp_min(0).unsqueeze(1)
         inv_norm = sub.norm(dim=1).clamp_min(1e-12).reciprocal_()
-        buf = torch.mm(x_hat, sub.t(), out=ws.take("logits", (n, sub.shape[0]), sub))
-        buf.mul_(inv_norm)  # cosines
-        keep = None
-        if margin.interclass_filter > 0:
-            keep = buf <= margin.interclass_filter
-            keep.scatter_(1, col, keep.gather(1, col) | has_target)
-            buf.mul_(keep)
-        target_cos = buf.gather(1, col)
-        with torch.enable_grad():
-            t = target_cos.detach().requires_grad_(True)
-            target_logit = margin.target_logit(t)
-            (d_target,) = torch.autograd.grad(target_logit.sum(), t)
-        target_logit = torch.where(has_target, target_logit.detach(), target_cos)
-        buf.scatter_(1, col, target_logit).mul_(margin.s)  # logits
+        cosines = torch.mm(x_hat, sub.t(), out=ws.take("logits", (n, sub.shape[0]), sub))
+        cosines.mul_(inv_norm)
+        best = None
+        buf = cosines
+        if k > 1:  # a class's cosine: the best of its K sub-centres
+            buf = ws.take("class_logits", (n, sub.shape[0] // k), sub)
+            best = torch.empty(buf.shape, dtype=torch.int64, device=sub.device)
+            torch.max(cosines.view(n, -1, k), dim=2, out=(buf, best))
+        out = margin.shard_logits_(buf, col, has_target, norms, group)
+        buf.mul_(margin.s)  # logits
         row_max = buf.max(dim=1, keepdim=True).values
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
         buf.sub_(row_max).exp_()
-        sums = torch.cat([buf.sum(dim=1, keepdim=True), margin.s * target_logit * has_target], 1)
+        sums = torch.cat([buf.sum(dim=1, keepdim=True), margin.s * out.target], 1)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         exp_sum, target = sums[:, :1], sums[:, 1:]
         loss = (exp_sum.log() + row_max - target).mean()
         buf.div_(exp_sum)  # this rank's softmax probabilities
-        ctx.save_for_backward(buf, x_hat, sub, inv_norm, col, has_target, d_target, keep)
-        ctx.n, ctx.s, ctx.ws = n, margin.s, ws
+        ctx.save_for_backward(
+            buf, cosines, best, x_hat, sub, inv_norm, col, has_target, out.d_target, out.d_other
+        )
+        ctx.n, ctx.s, ctx.ws, ctx.k = n, margin.s, ws, k
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):  # type: ignore[override]
-        buf, x_hat, sub, inv_norm, col, has_target, d_target, keep = ctx.saved_tensors
+        buf, cosines, best, x_hat, sub, inv_norm, col, has_target, d_target, d_other = ctx.saved_tensors
         grad = buf  # used once: (softmax − one-hot) · g / N, in place
         grad.scatter_add_(1, col, -has_target.to(grad.dtype))
         grad.mul_(grad_loss * ctx.s / ctx.n)  # d loss / d (logit / s)
         at_target = grad.gather(1, col)
-        grad.scatter_(1, col, torch.where(has_target, at_target * d_target, at_target))
-        if keep is not None:
-            grad.mul_(keep)  # now d loss / d cos
+        if d_other is not None:
+            grad.mul_(d_other)
+        grad.scatter_(1, col, torch.where(has_target, at_target * d_target, grad.gather(1, col)))
+        if ctx.k > 1:  # d loss / d cos reaches each class's arg-max sub-centre only
+            grad_classes, grad = grad, cosines.zero_()
+            grad.view(ctx.n, -1, ctx.k).scatter_(2, best.unsqueeze(2), grad_classes.unsqueeze(2))
+            ctx.ws.give("class_logits", grad_classes)
         # cos = x_hat · ŵᵀ with ŵ = sub / |sub|: first d/dŵ, then through the norm.
         grad_w_hat = torch.mm(grad.t(), x_hat, out=ctx.ws.take("grad_rows", sub.shape, sub))
         grad.mul_(inv_norm)
@@ -149,4 +156,4 @@ class ShardMarginSoftmax(torch.autograd.Function):
         radial = _row_dot(grad_w_hat, sub).unsqueeze(1)
         radial.mul_(inv_norm.unsqueeze(1) ** 2)  # (d/dŵ · w) / |w|²
         grad_sub = grad_w_hat.addcmul_(sub, radial, value=-1.0).mul_(inv_norm.unsqueeze(1))
-        return grad_x_hat, grad_sub, None, None, None, None
+        return grad_x_hat, grad_sub, None, None, None, None, None, None

@@ -7,9 +7,15 @@ Every rank owns a contiguous block of class centres (`shard_range`). One step:
 2. pick the shard rows to score (`sample_rows`): all classes of the global batch that
    this rank owns plus uniformly drawn negatives, `ceil(sample_rate · num_local)` rows
    in total, drawn as a pure function of (seed, step, rank) on the compute device;
-3. cosines between normalised embeddings and normalised sampled centres, margin on
-   the target class (`CombinedMargin`), and softmax cross-entropy over the union of all
-   ranks' sampled rows without materialising them on one rank (`ShardMarginSoftmax`).
+3. cosines between normalised embeddings and normalised sampled centres (with K
+   sub-centres per class, the best of the class's K), the margin (`trainer.margins`:
+   CombinedMargin, CurricularFace, AdaFace), and softmax cross-entropy over the union
+   of all ranks' sampled rows without materialising them on one rank
+   (`ShardMarginSoftmax`).
+
+Sub-center ArcFace (`subcenters=K`): a class's K centres live on its owner rank, are
+sampled together and are K consecutive rows of `weight` (local class i: rows
+i·K … i·K + K − 1), so checkpoints and re-sharding move them as a unit.
 
 The sampled rows are copied out of the shard into a leaf tensor, so backward produces a
 gradient of shape [num_sampled, D] only; `ShardSGD` (trainer/optim.py) writes the update
@@ -31,9 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.margins import CombinedMargin
+from trainer.margins import CombinedMargin, Margin
 from trainer.partial_fc.functional import AllGather, ShardMarginSoftmax, Workspace
-from trainer.partial_fc.sampling import sample_rows
+from trainer.partial_fc.sampling import sample_rows, subcenter_rows
 from trainer.partial_fc.sharding import init_class_centres, shard_range
 from trainer.partial_fc.storage import ShardStorage
 
@@ -61,10 +67,12 @@ class PartialFC(nn.Module):
     step to step, e.g. a last partial batch).
 
     Attributes: `class_start`, `num_local` (this rank's classes are
-    [class_start, class_start + num_local)), `weight` ([num_local, D], not trained by
-    autograd; its storage dtype, on the host when offloaded), `last_sampled` (sorted
-    local row indices used by the last forward, on `weight`'s device), `storage` (the
-    `ShardStorage` every read and write of `weight` and its optimiser state goes through).
+    [class_start, class_start + num_local)), `subcenters` (K), `weight` ([num_local·K,
+    D], not trained by autograd; its storage dtype, on the host when offloaded),
+    `last_sampled` (sorted local row indices of `weight` used by the last forward, on
+    its device), `storage` (the `ShardStorage` every read and write of `weight` and its
+    optimiser state goes through), `margin` (a `trainer.margins.Margin`; AdaFace reads
+    the norms of the embeddings given to forward, so do not normalise them upstream).
 
     `dtype` is the compute dtype (and the storage dtype of storage "fp32"); `storage`
     "bf16"/"fp16" keeps the shard in 16 bits, written back with `rounding` "stochastic"
@@ -80,7 +88,8 @@ class PartialFC(nn.Module):
         embedding_size: int,
         *,
         sample_rate: float = 1.0,
-        margin: CombinedMargin | None = None,
+        margin: Margin | None = None,
+        subcenters: int = 1,
         group: dist.ProcessGroup | None = None,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
@@ -100,6 +109,8 @@ class PartialFC(nn.Module):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        if subcenters < 1:
+            raise ValueError(f"subcenters must be >= 1 (1: plain ArcFace), got {subcenters}")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -118,12 +129,15 @@ class PartialFC(nn.Module):
         self.embedding_size = embedding_size
         self.sample_rate = float(sample_rate)
         self.margin = margin if margin is not None else CombinedMargin(64.0, 1.0, 0.5, 0.0)
+        self.margin.to(self.device)  # its running statistics live where the math runs
+        self.subcenters = subcenters
         self.seed = seed
         self.check_inputs = check_inputs
         self.class_start, self.num_local = shard_range(num_classes, self.world_size, self.rank)
         self.num_sample = min(self.num_local, math.ceil(self.sample_rate * self.num_local))
+        k = subcenters  # row c·K + j of the [C·K, D] matrix is sub-centre j of class c
         weight = init_class_centres(
-            num_classes, self.class_start, self.num_local, embedding_size, seed, dtype,
+            num_classes * k, self.class_start * k, self.num_local * k, embedding_size, seed, dtype,
             out_dtype=self.storage.dtype, pin_memory=self.storage.pin,
         )
         self.weight = nn.Parameter(weight.to(self.storage.device), requires_grad=False)
@@ -142,7 +156,8 @@ class PartialFC(nn.Module):
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
             f"rank={self.rank}/{self.world_size}, classes=[{self.class_start}, "
             f"{self.class_start + self.num_local}), sample_rate={self.sample_rate}, "
-            f"num_sample={self.num_sample}, storage={s.kind}, offload={s.offload}"
+            f"num_sample={self.num_sample}, subcenters={self.subcenters}, "
+            f"storage={s.kind}, offload={s.offload}"
         )
 
     def forward(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
@@ -157,6 +172,7 @@ class PartialFC(nn.Module):
             labels = local_labels.to(torch.int64).reshape(-1, 1)
             gathered = AllGather.apply(torch.cat([emb, labels.view(dtype)], dim=1), self.group)
             x = gathered[:, :dim]
+            norms = x.detach().norm(dim=1)  # AdaFace's image-quality signal (not differentiated)
             global_labels = gathered[:, dim:].contiguous().view(torch.int64).reshape(-1)
 
             # 2. The rows to score, drawn on the compute device; then their centres, as
@@ -165,7 +181,8 @@ class PartialFC(nn.Module):
                 global_labels, self.class_start, self.num_local, self.num_sample,
                 seed=self.seed, step=self.sample_step, rank=self.rank,
             )
-            store_rows = rows.to(self.weight.device)  # offload on CUDA: one host sync
+            # offload on CUDA: one host sync
+            store_rows = subcenter_rows(rows, self.subcenters).to(self.weight.device)
             self.last_sampled = store_rows
             self.flush()
             sub = self._scored_rows(store_rows)
@@ -179,7 +196,8 @@ class PartialFC(nn.Module):
                 local = torch.searchsorted(rows, local.clamp(0, self.num_local - 1))
             target_cols = torch.where(owned, local, -1)
             loss = ShardMarginSoftmax.apply(
-                F.normalize(x, dim=1), sub, target_cols, self.margin, self.group, self.workspace
+                F.normalize(x, dim=1), sub, target_cols, norms, self.margin, self.group,
+                self.workspace, self.subcenters,
             )
         if self.training:
             self.sample_step += 1
@@ -225,7 +243,7 @@ class PartialFC(nn.Module):
     def zero_grad(self, set_to_none: bool = True) -> None:  # set_to_none: nn.Module API
         """Drop the sampled rows' gradients; their buffers are kept for the next step."""
         for rows, sub in self._sampled:
-            if self.storage.copies_rows or rows.numel() < self.num_local:  # a copy, not the shard
+            if self.storage.copies_rows or rows.numel() < self.weight.shape[0]:  # a copy
                 self.workspace.give("rows", sub)
             self.workspace.give("grad_rows", sub.grad)
             sub.grad = None

@@ -47,3 +47,12 @@ def sample_rows(
     if labels.numel() > k:  # positives might not fit: needs their count (host read)
         k = max(k, int((score > 1.5).sum()))
     return score.topk(k, sorted=False).indices.sort().values
+
+
+def subcenter_rows(class_rows: Tensor, subcenters: int) -> Tensor:
+    """The shard rows of sorted local classes `class_rows` when each class has
+    `subcenters` consecutive rows (class i: rows i·K … i·K + K − 1), sorted."""
+    if subcenters == 1:
+        return class_rows
+    offsets = torch.arange(subcenters, device=class_rows.device)
+    return (class_rows.unsqueeze(1) * subcenters + offsets).reshape(-1)
