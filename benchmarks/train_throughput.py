@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/train_throughput.py --quick    # smoke test (mobilefacenet, seconds)
     .venv/bin/python benchmarks/train_throughput.py --backbones iresnet50 --heads none,pfc0.1,dp \\
         --steps 5 --json out.json
+    .venv/bin/python benchmarks/train_throughput.py --backbones vit_t,vit_t+ckpt,vit_s \\
+        --heads none --batch-size 16     # ViT rows; +ckpt: activation_checkpointing=blocks
 
 Every (backbone, head) row runs in a FRESH 2-process gloo group (TCP on 127.0.0.1, one
 torch thread per rank, ranks started the way torchrun starts them and joined through
@@ -82,11 +84,17 @@ def head_rate(head: str) -> float | None:
     return float(head[3:]) if head.startswith("pfc") else None
 
 
+CHECKPOINTED = "+ckpt"  # --backbones NAME+ckpt: the row runs with activation_checkpointing=blocks
+
+
 def config_overrides(spec: dict) -> list[str]:
     rate = head_rate(spec["head"])
     steps = spec["warmup"] + spec["steps"]
+    name = spec["backbone"].removesuffix(CHECKPOINTED)
+    checkpointing = "blocks" if spec["backbone"].endswith(CHECKPOINTED) else "none"
     return [
-        f"backbone.name={spec['backbone']}",
+        f"backbone.name={name}",
+        f"backbone.activation_checkpointing={checkpointing}",
         f"backbone.embedding_size={spec['dim']}",
         f"data.batch_size={spec['batch']}",
         f"data.num_classes={spec['classes']}",
@@ -140,7 +148,7 @@ def _make_plain(spec: dict, cfg, ctx, timeline: _Timeline):
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
-    from trainer.backbones import get_backbone
+    from trainer.backbones import backbone_options, get_backbone
     from trainer.data.synthetic import SyntheticIdentities
     from trainer.optim import make_backbone_optimizer
     from trainer.run import _sum_allreduce_hook
@@ -179,7 +187,8 @@ def _make_plain(spec: dict, cfg, ctx, timeline: _Timeline):
         ctx.world_size, cfg.data.image_size, cfg.run.seed, cfg.data.synthetic_mode,
     )
     backbone = get_backbone(
-        cfg.backbone.name, embedding_size=cfg.backbone.embedding_size, dropout=cfg.backbone.dropout
+        cfg.backbone.name, embedding_size=cfg.backbone.embedding_size, dropout=cfg.backbone.dropout,
+        **backbone_options(cfg.backbone),
     ).to(device)
     if cfg.backbone.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -596,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.backbones import available_backbones
 
     for b in backbones:
-        if b not in available_backbones():
+        if b.removesuffix(CHECKPOINTED) not in available_backbones():
             p.error(f"--backbones: {b!r} is not one of {', '.join(available_backbones())}")
     for h in heads:
         if h in ("none", "dp"):

@@ -9,14 +9,16 @@ allocate on the worst-loaded rank (n = ceil(C/W) classes, K sampled rows, N = W�
 batch, D embedding size, s storage bytes per value (4 for fp32, 2 for bf16/fp16),
 c = 4 compute bytes):
 
-* class centres n·D·s and momentum n·D·s: on the device, or on the host with offload;
+* class centres n·D·s and momentum n·D·s (AdamW: two moments 2·n·D·s, plus its per-row
+  step counts n·4 on the device): on the device, or on the host with offload;
 * sampled rows: forward's copy [K, D]·c (none at rate 1 with fp32 on-device storage: the
   shard itself is scored) and its gradient [K, D]·c, both kept from step to step
   (`Workspace`); with host offload the rows pass through host buffers (pinned on CUDA)
   for the rows in and the updated rows and momentum out (3·K·D·s, plus two momentum
   chunks in: a full one and the last) and their device twins;
 * logits and their gradient: one fused [N, K]·c buffer (the gradient is computed in place);
-* update: ShardSGD's momentum chunk [min(K, 4096), D]·c, plus, for 16-bit storage,
+* update: ShardSGD's momentum chunk [min(K, 4096), D]·c (ShardAdamW: its two moment
+  chunks and the denominator, three), plus, for 16-bit storage,
   the rounding temporaries of one [min(K, 4096), D] chunk (per value: bf16 8 bytes,
   fp16 19 bytes) and (without offload) the s-byte staging chunks of the rows read and
   of the momentum reads (a full and a last chunk); backward's row-wise dot products, a
@@ -31,7 +33,9 @@ bytes of every tensor autograd saves for backward in one fp32 training forward, 
 on CPU with `torch.autograd.graph.saved_tensors_hooks` at batch 2 and 4 (the difference
 over 2 images, so parameters saved by convolutions are not counted); under 16-bit
 autocast half of it (assumes every saved activation is 16-bit: an estimate, not a
-measurement). DALI (CUDA only): 3 batches of fp32 CHW 112×112 output (prefetch depth 2
+measurement). With backbone.activation_checkpointing=blocks the table measured the same
+way with every block checkpointed (what stays: the blocks' inputs and what autograd saves
+outside them). DALI (CUDA only): 3 batches of fp32 CHW 112×112 output (prefetch depth 2
 + the one in use) and their uint8 decode, plus a fixed 256 MiB for the decoder
 (assumed). Runtime: CUDA context, cuBLAS/cuDNN workspaces and allocator slack, a fixed
 1.5 GiB (assumed); on CPU the interpreter, torch and gloo, 0.35 GiB (measured).
@@ -46,7 +50,7 @@ from dataclasses import dataclass, field
 GIB = 1024**3
 STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 COMPUTE_BYTES = 4
-CHUNK_ROWS = 4096  # trainer.optim.ShardSGD.CHUNK_ROWS (momentum rows per update chunk)
+CHUNK_ROWS = 4096  # trainer.optim.ShardRowOptimizer.CHUNK_ROWS (state rows per update chunk)
 ROW_CHUNK = 4096  # trainer.partial_fc.storage.ROW_CHUNK (rows per 16-bit conversion / rounding)
 ROW_DOT_CHUNK = 8192  # rows per chunk of partial_fc._row_dot (a [chunk, D] product)
 ROUNDING_BYTES = {"fp32": 0, "bf16": 8, "fp16": 19}  # per value of one chunk, see above
@@ -60,6 +64,24 @@ ACTIVATION_BYTES_PER_IMAGE = {
     "iresnet100": 111_744_000,
     "iresnet200": 195_437_568,
     "mobilefacenet": 45_214_720,
+    "vit_t": 26_169_248,  # ViTs at their default mask ratio (10% of the tokens; vit_h 0)
+    "vit_s": 52_108_192,
+    "vit_b": 102_907_456,
+    "vit_l": 154_208_832,
+    "vit_h": 454_658_552,
+}
+# The same with backbone.activation_checkpointing=blocks (iresnet and ViT only).
+ACTIVATION_BYTES_CHECKPOINTED = {
+    "iresnet18": 12_897_280,
+    "iresnet34": 15_406_080,
+    "iresnet50": 17_011_712,
+    "iresnet100": 23_835_648,
+    "iresnet200": 37_784_576,
+    "vit_t": 2_317_576,
+    "vit_s": 4_479_240,
+    "vit_b": 7_649_544,
+    "vit_l": 11_396_360,
+    "vit_h": 29_653_120,
 }
 CUDA_RUNTIME_BYTES = int(1.5 * GIB)
 CPU_RUNTIME_BYTES = int(0.35 * GIB)
@@ -87,6 +109,8 @@ class PlanInputs:
     momentum: bool = True
     optimizer: str = "sgd"
     amp16: bool = True  # backbone under 16-bit autocast (halves the activation estimate)
+    activation_checkpointing: bool = False  # backbone blocks recomputed in backward
+    subcenters: int = 1  # sub-center ArcFace: K centres per class, moved as one K·D row
 
     def __post_init__(self) -> None:
         checks = [
@@ -96,6 +120,7 @@ class PlanInputs:
             ("device_memory", self.device_memory > 0, "must be > 0"),
             ("embedding_size", self.embedding_size >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("subcenters", self.subcenters >= 1, "must be >= 1"),
             ("sample_rate", 0 < self.sample_rate <= 1, "must be in (0, 1]"),
             ("storage", self.storage in STORAGE_BYTES,
              f"must be one of {', '.join(STORAGE_BYTES)}"),
@@ -105,6 +130,9 @@ class PlanInputs:
             ("optimizer", self.optimizer in ("sgd", "adamw"), "must be sgd or adamw"),
             ("backbone", self.backbone is None or self.backbone in ACTIVATION_BYTES_PER_IMAGE,
              f"must be one of {', '.join(ACTIVATION_BYTES_PER_IMAGE)}"),
+            ("activation_checkpointing", not self.activation_checkpointing or self.backbone is None
+             or self.backbone in ACTIVATION_BYTES_CHECKPOINTED,
+             f"needs one of {', '.join(ACTIVATION_BYTES_CHECKPOINTED)}"),
         ]
         for name, good, what in checks:
             if not good:
@@ -151,7 +179,9 @@ class Plan:
             f"memory plan: {i.num_classes:,} classes, D={i.embedding_size}, {i.world_size} "
             f"rank(s), batch {i.batch_size}/rank (global {i.batch_size * i.world_size}), "
             f"sample rate {i.sample_rate:g}, backbone {i.backbone or 'none'}, storage "
-            f"{i.storage}, offload {i.offload}, {i.device} device",
+            f"{i.storage}, offload {i.offload}, {i.device} device"
+            + (f", {i.subcenters} sub-centres per class (D below: {i.subcenters}·D)"
+               if i.subcenters > 1 else ""),
             f"per rank (worst rank): {self.num_local:,} classes, {self.num_sample:,} "
             "sampled rows per step",
             f"{'part':<34} {'device GiB':>10} {'host GiB':>9}  formula",
@@ -168,6 +198,38 @@ class Plan:
         return "\n".join(lines)
 
 
+def saved_activation_bytes(model, x) -> int:
+    """Bytes autograd keeps for backward after `model(x)` (a training forward): every
+    distinct storage a backward node saves, plus the inputs of checkpointed blocks (the
+    checkpoint keeps those and nothing inside). How ACTIVATION_BYTES_PER_IMAGE was
+    measured: (bytes at batch 4 − bytes at batch 2) / 2, which cancels saved parameters."""
+    import torch
+
+    from trainer.backbones.iresnet import IBasicBlock
+    from trainer.backbones.vit import Block
+
+    storages: dict[int, int] = {}
+
+    def keep(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def block_input(module, args):
+        if getattr(model, "checkpoint_blocks", False):
+            keep(args[0])
+
+    hooks = [m.register_forward_pre_hook(block_input) for m in model.modules()
+             if isinstance(m, (IBasicBlock, Block))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(storages.values())
+
+
 def _backbone_params(name: str, embedding_size: int) -> int:
     import torch
 
@@ -179,7 +241,7 @@ def _backbone_params(name: str, embedding_size: int) -> int:
 
 
 def _parts(i: PlanInputs, backbone_params: int) -> tuple[int, int, list[Part]]:
-    W, D, B = i.world_size, i.embedding_size, i.batch_size
+    W, D, B = i.world_size, i.embedding_size * i.subcenters, i.batch_size  # D: values per class
     n = math.ceil(i.num_classes / W)
     N = W * B
     # ceil(r·n) rows, or more when the positives do not fit (worst case: N distinct ones)
@@ -196,36 +258,47 @@ def _parts(i: PlanInputs, backbone_params: int) -> tuple[int, int, list[Part]]:
         parts.append(Part(name, 0 if host else nbytes, nbytes if host else 0, formula, classifier))
 
     add("class centres", n * D * s, f"n·D·{s}", on_host=offload)
-    if i.momentum:
+    adamw = i.optimizer == "adamw"
+    if adamw:
+        add("AdamW moments", 2 * n * D * s, f"2·n·D·{s}", on_host=offload)
+        add("AdamW per-row step counts", n * 4, "n·4")
+    elif i.momentum:
         add("momentum", n * D * s, f"n·D·{s}", on_host=offload)
+    states = 2 if adamw else 1  # stores read and written per row
     rows_copy = k < n or copies
     add("sampled rows + gradient", (2 if rows_copy else 1) * k * D * c,
         f"{2 if rows_copy else 1}·K·D·{c}")
     chunk, rchunk = min(k, CHUNK_ROWS), min(k, ROW_CHUNK)
-    if offload:  # rows in, rows out, momentum out: K rows each; momentum in: 2 chunks
-        add("host staging (rows in/out)", (3 * k + 2 * chunk) * D * s,
-            f"(3K+2·{chunk})·D·{s}", on_host=True)
-        add("device staging (rows in/out)", (3 * k + 2 * chunk) * D * s,
-            f"(3K+2·{chunk})·D·{s}")
+    if offload:  # rows in, rows out, each state out: K rows each; states in: 2 chunks
+        staged = (2 + states) * k + 2 * chunk
+        add("host staging (rows in/out)", staged * D * s,
+            f"({2 + states}K+2·{chunk})·D·{s}", on_host=True)
+        add("device staging (rows in/out)", staged * D * s,
+            f"({2 + states}K+2·{chunk})·D·{s}")
     add("logits + gradient [N, K]", N * k * c, f"N·K·{c}")
+    if i.subcenters > 1:  # every sub-centre's cosine, and each class's arg-max
+        add("sub-centre cosines + arg-max", N * k * (i.subcenters * c + 8),
+            f"N·K·({i.subcenters}·{c}+8)")
     # ShardSGD's momentum chunk; 16-bit: the rounding temporaries of one chunk and the
     # staging chunks of the rows read and the momentum reads (a full and a last chunk);
     # offload stages whole reads instead.
-    per_chunk = chunk * D * c
+    per_chunk = (3 if adamw else 1) * chunk * D * c
     if sixteen:
         per_chunk += rchunk * D * (ROUNDING_BYTES[i.storage] + (0 if offload else 3 * s))
     row_dot = min(k, ROW_DOT_CHUNK) * D * c  # backward's chunked row-wise dot products
-    sampling = (n + 1) * 4 + k * 32 + 4 * N * (D + 2) * c
+    sampling = (n + 1) * 4 + k * 32 + 4 * N * (i.embedding_size + 2) * c
     add("update chunks, backward, sampling", per_chunk + row_dot + sampling,
         f"chunks + {min(k, ROW_DOT_CHUNK)}·D·{c} + 4(n+1) + 32K + 4·N·D·4")
     if i.backbone is not None:
         copies_per_param = 3 + (2 if i.optimizer == "adamw" else 1)  # param, grad, bucket
         add("backbone params/grads/opt/DDP", backbone_params * 4 * copies_per_param,
             f"{backbone_params:,}·4·{copies_per_param}", classifier=False)
-        per_image = ACTIVATION_BYTES_PER_IMAGE[i.backbone]
+        table = ACTIVATION_BYTES_CHECKPOINTED if i.activation_checkpointing else ACTIVATION_BYTES_PER_IMAGE
+        per_image = table[i.backbone]
         half = i.amp16 and cuda
         add("activations (estimate)", B * per_image // (2 if half else 1),
-            f"B·{per_image / 2**20:.1f} MiB{'/2 (16-bit autocast)' if half else ''}",
+            f"B·{per_image / 2**20:.1f} MiB{'/2 (16-bit autocast)' if half else ''}"
+            f"{' (checkpointed blocks)' if i.activation_checkpointing else ''}",
             classifier=False)
         if cuda:
             add("DALI buffers", 3 * B * IMAGE_VALUES * 5 + DALI_DECODER_BYTES,
@@ -305,6 +378,8 @@ def plan_for_config(cfg, world_size: int, device, local_world_size: int = 1) -> 
         momentum=cfg.optim.momentum > 0,
         optimizer=cfg.optim.name,
         amp16=amp16,
+        subcenters=cfg.partial_fc.subcenters,
+        activation_checkpointing=cfg.backbone.activation_checkpointing == "blocks",
     )
     return make_plan(inputs)
 

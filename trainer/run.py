@@ -33,14 +33,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.backbones import get_backbone
+from trainer.backbones import backbone_options, get_backbone
 from trainer.checkpoint import TrainingParts
 from trainer.config import Config, ConfigError
 from trainer.data.source import BatchSource, build_source
 from trainer.dist import DistContext
 from trainer.evaluation.evaluator import load_eval_sets
-from trainer.margins import CombinedMargin
-from trainer.optim import LRSchedule, ShardSGD, TrainingOptimizer, make_backbone_optimizer
+from trainer.margins import build_margin
+from trainer.optim import (
+    LRSchedule, TrainingOptimizer, make_backbone_optimizer, make_shard_optimizer,
+)
 from trainer.partial_fc import PartialFC
 from trainer.plan import check_fits, plan_for_config
 
@@ -130,7 +132,8 @@ def _total_steps(cfg: Config, source: BatchSource) -> int:
 
 def _backbone(cfg: Config, device: torch.device) -> DistributedDataParallel:
     backbone = get_backbone(
-        cfg.backbone.name, embedding_size=cfg.backbone.embedding_size, dropout=cfg.backbone.dropout
+        cfg.backbone.name, embedding_size=cfg.backbone.embedding_size, dropout=cfg.backbone.dropout,
+        **backbone_options(cfg.backbone),
     ).to(device)
     if cfg.backbone.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -142,6 +145,11 @@ def _backbone(cfg: Config, device: torch.device) -> DistributedDataParallel:
     )
     ddp.register_comm_hook(None, _sum_allreduce_hook)
     return ddp
+
+
+def _decay(part: float | None, o) -> float:
+    """A part's weight decay: its own setting, else optim.weight_decay."""
+    return o.weight_decay if part is None else part
 
 
 def build(cfg: Config, ctx: DistContext, first_epoch: int = 0) -> Run:
@@ -157,22 +165,24 @@ def build(cfg: Config, ctx: DistContext, first_epoch: int = 0) -> Run:
     check_fits(plan)  # the same verdict on every rank: a ConfigError with the numbers
     total_steps = _total_steps(cfg, source)
     ddp = _backbone(cfg, device)
-    margin = CombinedMargin(
-        cfg.margin.s, cfg.margin.m1, cfg.margin.m2, cfg.margin.m3, cfg.margin.interclass_filter
-    )
+    margin = build_margin(cfg.margin)
     # On GPU the per-step input check would cost a host sync; labels from our sources
     # are in range (synthetic by construction, recordio checked by the loaders on the
     # host) and batch sizes equal on every rank.
     pfc = PartialFC(
         cfg.data.num_classes, cfg.backbone.embedding_size, sample_rate=cfg.partial_fc.sample_rate,
-        margin=margin, seed=cfg.run.seed, device=device, check_inputs=device.type == "cpu",
+        margin=margin, subcenters=cfg.partial_fc.subcenters, seed=cfg.run.seed, device=device,
+        check_inputs=device.type == "cpu",
         storage=cfg.partial_fc.storage, offload=cfg.partial_fc.offload,
     )
     o = cfg.optim
     optimizer = TrainingOptimizer(
-        make_backbone_optimizer(ddp.parameters(), o.name, o.lr, o.momentum, o.weight_decay),
-        ShardSGD(pfc, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
+        make_backbone_optimizer(
+            ddp.parameters(), o.name, o.lr, o.momentum, _decay(o.backbone_weight_decay, o)
+        ),
+        make_shard_optimizer(pfc, o.name, o.lr, o.momentum, _decay(o.classifier_weight_decay, o)),
         LRSchedule(o.lr, total_steps, o.warmup_steps, o.schedule, o.power, o.min_lr),
+        o.backbone_lr_scale, o.classifier_lr_scale,
     )
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     eval_sets = load_eval_sets(cfg)

@@ -69,7 +69,8 @@ def test_shipped_config_loads(path, tmp_path):
 
 def test_all_expected_configs_are_shipped():
     names = {p.stem for p in SHIPPED}
-    assert {"cpu_demo", "ms1mv3_r50", "glint360k_r100", "wf42m_pfc02_r100"} <= names
+    assert {"cpu_demo", "ms1mv3_r50", "glint360k_r100", "wf42m_pfc02_r100", "wf42m_pfc03_vit_b",
+            "wf42m_pfc03_vit_l"} <= names
 
 
 def test_cpu_demo_needs_no_override():
@@ -180,6 +181,12 @@ VALUE_ERRORS = [
     (["eval.every=-1"], "eval.every: must be >= 0, got -1"),
     (["metrics.port=70000"], "metrics.port: must be in [0, 65535], got 70000"),
     (["dist.timeout_s=0"], "dist.timeout_s: must be > 0, got 0.0"),
+    (["optim.backbone_lr_scale=-1"], "optim.backbone_lr_scale: must be >= 0, got -1.0"),
+    (["optim.classifier_weight_decay=-1"], "optim.classifier_weight_decay: must be >= 0, got -1.0"),
+    (["backbone.mask_ratio=0.1"], "backbone.mask_ratio: applies to ViT backbones (vit_*) only"),
+    (["backbone.name=vit_t", "backbone.drop_path_rate=1"], "backbone.drop_path_rate: must be in [0, 1)"),
+    (["backbone.name=mobilefacenet", "backbone.activation_checkpointing=blocks"],
+     "backbone.activation_checkpointing: 'blocks' is for iresnet* and vit_* backbones"),
 ]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.distributed import run_world
-from trainer.optim import ShardSGD
+from trainer.optim import make_shard_optimizer
 from trainer.partial_fc import PartialFC
 from trainer.cli.plan import main
 from trainer.plan import GIB, PlanInputs, make_plan
@@ -26,9 +26,9 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _measure_worker(rank, world, num_classes, storage, offload, steps):
-    """Peak RSS growth of this rank over a PartialFC + ShardSGD run (classifier only)."""
-    _run(1000, storage, offload, rank, world, 2)  # warm-up: first use of torch's code pages
+def _measure_worker(rank, world, num_classes, storage, offload, steps, optimizer="sgd"):
+    """Peak RSS growth of this rank over a PartialFC + shard optimiser run (classifier only)."""
+    _run(1000, storage, offload, rank, world, 2, optimizer)  # warm-up: first use of torch's code pages
     base = psutil.Process().memory_info().rss
     # Reset the peak to the current RSS (Linux: "5" to clear_refs), so that what the
     # process held while starting up (unpickling, imports) cannot count as the run's peak.
@@ -36,13 +36,13 @@ def _measure_worker(rank, world, num_classes, storage, offload, steps):
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-    _run(num_classes, storage, offload, rank, world, steps)
+    _run(num_classes, storage, offload, rank, world, steps, optimizer)
     return _peak_rss() - base
 
 
-def _run(num_classes, storage, offload, rank, world, steps):
+def _run(num_classes, storage, offload, rank, world, steps, optimizer):
     pfc = PartialFC(num_classes, DIM, sample_rate=RATE, seed=0, storage=storage, offload=offload)
-    opt = ShardSGD(pfc, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = make_shard_optimizer(pfc, optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4)
     for step in range(steps):
         g = torch.Generator().manual_seed(step * world + rank)
         emb = torch.randn(BATCH, DIM, generator=g).requires_grad_(True)
@@ -52,20 +52,21 @@ def _run(num_classes, storage, offload, rank, world, steps):
 
 
 @pytest.mark.parametrize(
-    "num_classes, storage, offload",
-    [(200_000, "fp32", "none"), (1_000_000, "fp32", "host"), (2_000_000, "bf16", "none")],
-    ids=["200k-fp32", "1M-fp32-offload", "2M-bf16"],
+    "num_classes, storage, offload, optimizer",
+    [(200_000, "fp32", "none", "sgd"), (1_000_000, "fp32", "host", "sgd"),
+     (2_000_000, "bf16", "none", "sgd"), (300_000, "bf16", "none", "adamw")],
+    ids=["200k-fp32", "1M-fp32-offload", "2M-bf16", "300k-bf16-adamw"],
 )
-def test_plan_matches_measured_peak_rss(num_classes, storage, offload):
+def test_plan_matches_measured_peak_rss(num_classes, storage, offload, optimizer):
     plan = make_plan(PlanInputs(
         num_classes=num_classes, world_size=2, device_memory=64 * GIB, embedding_size=DIM,
         batch_size=BATCH, sample_rate=RATE, backbone=None, storage=storage, offload=offload,
-        device="cpu",
+        device="cpu", optimizer=optimizer,
     ))
     planned = plan.classifier_bytes
     if psutil.virtual_memory().available < 2 * planned + GIB:
         pytest.skip(f"needs about {2 * planned / GIB + 1:.1f} GiB free memory")
-    measured = run_world(_measure_worker, 2, num_classes, storage, offload, 3, timeout=300)
+    measured = run_world(_measure_worker, 2, num_classes, storage, offload, 3, optimizer, timeout=300)
     for rank, grew in enumerate(measured):
         assert abs(grew - planned) <= 0.10 * planned, (
             f"rank {rank}: measured {grew / GIB:.3f} GiB, planned {planned / GIB:.3f} GiB\n"
@@ -152,3 +153,27 @@ def test_train_startup_check_refuses_a_run_that_does_not_fit():
     needle = r"data.num_classes: 1,000,000,000,000 classes do not fit.*GiB"
     with pytest.raises(ConfigError, match=needle):
         check_fits(huge)
+
+
+def test_cli_counts_adamw_state_and_checkpointed_activations(capsys):
+    common = ["--num-classes", "2059906", "--world-size", "8", "--device-memory", "80",
+              "--batch-size", "256", "--sample-rate", "0.3", "--backbone", "vit_b"]
+    main([*common])
+    sgd = capsys.readouterr().out
+    main([*common, "--optimizer", "adamw", "--activation-checkpointing", "blocks"])
+    adamw = capsys.readouterr().out
+    assert "momentum" in sgd and "AdamW moments" in adamw and "AdamW per-row step counts" in adamw
+    assert "(checkpointed blocks)" in adamw
+    plain = make_plan(PlanInputs(num_classes=10**6, world_size=8, device_memory=80 * GIB,
+                                 backbone="vit_b", optimizer="adamw"))
+    ckpt = make_plan(PlanInputs(num_classes=10**6, world_size=8, device_memory=80 * GIB,
+                                backbone="vit_b", optimizer="adamw", activation_checkpointing=True))
+    sgd_plan = make_plan(PlanInputs(num_classes=10**6, world_size=8, device_memory=80 * GIB,
+                                    backbone="vit_b"))
+    assert ckpt.device_bytes < plain.device_bytes and ckpt.max_num_classes > plain.max_num_classes
+    n, d = plain.num_local, 512  # AdamW: one more n·D·4 store and n int32 counts than SGD
+    extra = plain.classifier_bytes - sgd_plan.classifier_bytes
+    assert extra >= n * d * 4 + n * 4
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        PlanInputs(num_classes=10, world_size=1, device_memory=GIB, backbone="mobilefacenet",
+                   activation_checkpointing=True)

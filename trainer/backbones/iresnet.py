@@ -41,6 +41,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .checkpointing import run_block
+
 __all__ = ["IBasicBlock", "IResNet", "IRESNET_LAYERS"]
 
 # Blocks per stage of each depth, as in arcface_torch (iresnet200 from its later versions).
@@ -92,13 +94,19 @@ class IResNet(nn.Module):
         layers: blocks per stage (four stages of 64, 128, 256, 512 channels).
         embedding_size: D, the size of the output embedding.
         dropout: dropout probability on the flattened 512x7x7 feature map before `fc`.
+        checkpoint_blocks: recompute each IBasicBlock in backward instead of keeping its
+            activations (trainer.backbones.checkpointing; same gradients, less memory).
     """
 
     input_size: int = 112
     _fc_spatial: int = 7 * 7  # 112 / 2**4 = 7
 
-    def __init__(self, layers: Sequence[int], embedding_size: int = 512, dropout: float = 0.0) -> None:
+    def __init__(
+        self, layers: Sequence[int], embedding_size: int = 512, dropout: float = 0.0,
+        checkpoint_blocks: bool = False,
+    ) -> None:
         super().__init__()
+        self.checkpoint_blocks = checkpoint_blocks
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"IResNet: layers must be 4 positive block counts, got {list(layers)}")
         self.conv1 = _conv3x3(3, 64)
@@ -138,6 +146,8 @@ class IResNet(nn.Module):
                 f"{list(x.shape)}; resize/align faces to {self.input_size}x{self.input_size}"
             )
         x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = run_block(block, x, self.checkpoint_blocks)
         x = torch.flatten(self.bn2(x), 1)
         return self.features(self.fc(self.dropout(x)))

@@ -26,7 +26,7 @@ from trainer.checkpoint.layout import (
     CONFIG, FORMAT, FORMAT_VERSION, INDEX, REPLICATED, CheckpointError, rng_name,
 )
 from trainer.checkpoint.parts import TrainingParts
-from trainer.checkpoint.rowfiles import DTYPES, read_blocks, row_bytes
+from trainer.checkpoint.rowfiles import STEPS, read_blocks, row_bytes, row_format
 from trainer.config import Config, ConfigError, config_changes, load_config
 from trainer.partial_fc import shard_range
 from trainer.state import TrainState
@@ -125,10 +125,11 @@ def _load_local(
     pfc = parts.pfc
     if config is not None:
         _check_config(ckpt, index, config, rank, verify)
-    if (index["num_classes"], index["embedding_size"]) != (pfc.num_classes, pfc.embedding_size):
+    saved = (index["num_classes"], index.get("subcenters", 1), index["embedding_size"])
+    if saved != (pfc.num_classes, pfc.subcenters, pfc.embedding_size):
         raise CheckpointError(
-            f"{ckpt / INDEX}: classifier is {index['num_classes']} x {index['embedding_size']}, "
-            f"this run's is {pfc.num_classes} x {pfc.embedding_size}"
+            f"{ckpt / INDEX}: classifier is {saved[0]} classes x {saved[1]} sub-centres x "
+            f"{saved[2]}, this run's is {pfc.num_classes} x {pfc.subcenters} x {pfc.embedding_size}"
         )
     if index["world_size"] != size and rank == 0:
         log.info("re-sharding the classifier from %d to %d ranks", index["world_size"], size)
@@ -136,6 +137,7 @@ def _load_local(
     _restore_replicated(ckpt, parts, replicated)
     _restore_rows(ckpt, index, parts, size, rank, verify)
     pfc.sample_step = int(replicated["partial_fc"]["sample_step"])
+    _restore_margin(ckpt, pfc.margin, replicated["partial_fc"].get("margin", {}), rank)
     state = TrainState(**replicated["train_state"])
     rel = rng_name(rank)
     if index["world_size"] == size and rel in index["files"]:
@@ -160,24 +162,38 @@ def _restore_replicated(ckpt: Path, parts: TrainingParts, replicated: dict[str, 
         parts.scaler.load_state_dict(replicated["scaler"])
 
 
+def _restore_margin(ckpt: Path, margin: torch.nn.Module, saved: dict[str, Tensor], rank: int) -> None:
+    """The margin's running statistics (CurricularFace t, AdaFace norm mean/std), when
+    the checkpoint has this margin's; otherwise (another margin.type) they start fresh."""
+    if set(saved) == set(margin.state_dict()):
+        margin.load_state_dict(saved)
+    elif rank == 0:
+        log.info("%s: margin statistics %s are not %s's: starting them fresh",
+                 ckpt, sorted(saved), type(margin).__name__)
+
+
 def _restore_rows(
     ckpt: Path, index: dict[str, Any], parts: TrainingParts, size: int, rank: int, verify: bool
 ) -> None:
-    """This rank's classifier rows and their momentum, from whatever shards hold them."""
+    """This rank's classifier rows and their optimiser state (momentum, or AdamW's moments
+    and step counts), from whatever shards hold them; a state the checkpoint lacks (saved
+    by another optimiser) starts at 0."""
     pfc = parts.pfc
     start = pfc.class_start
     assert (start, pfc.num_local) == shard_range(pfc.num_classes, size, rank)
     pfc.flush()  # host offload: no pending write-back may land on the restored rows
     with torch.no_grad():
-        _load_rows(ckpt, index, "weight", pfc.weight.data, start, verify)
-        momentum = parts.shard_optimizer.momentum_buffer
-        if momentum is None:
-            return
-        if index["classifier"]["momentum"]:
-            _load_rows(ckpt, index, "momentum", momentum, start, verify)
-        else:
-            momentum.zero_()
-            log.warning("%s has no classifier momentum (saved without momentum): starting at 0", ckpt)
+        _load_rows(ckpt, index, "weight", pfc.weight.data.view(pfc.num_local, -1), start, verify)
+        opt = parts.shard_optimizer
+        states = opt.row_states()
+        if opt.row_steps is not None:
+            states[STEPS] = opt.row_steps.view(-1, 1)
+        for kind, tensor in states.items():
+            if index["classifier"].get(kind):
+                _load_rows(ckpt, index, kind, tensor.view(pfc.num_local, -1), start, verify)
+            else:
+                tensor.zero_()
+                log.warning("%s has no classifier %s (saved without it): starting at 0", ckpt, kind)
 
 
 def _load_rows(
@@ -185,8 +201,7 @@ def _load_rows(
 ) -> None:
     """Copy rows [start, start + len(dst)) of the saved `kind` matrix into `dst`."""
     end = start + dst.shape[0]
-    dtype = DTYPES[index["classifier_dtype"]]
-    dim = index["embedding_size"]
+    dtype, dim = row_format(index, kind)
     covered = 0
     for shard in sorted(index["classifier"][kind], key=lambda s: s["start"]):
         lo, hi = max(start, shard["start"]), min(end, shard["end"])
@@ -195,7 +210,7 @@ def _load_rows(
         entry = index["files"][shard["file"]]
         path = check_file(ckpt, shard["file"], entry)
         first, last = lo - shard["start"], hi - shard["start"]
-        for row, data in read_blocks(path, entry, row_bytes(index), first, last, verify):
+        for row, data in read_blocks(path, entry, row_bytes(index, kind), first, last, verify):
             rows = torch.frombuffer(data, dtype=dtype).view(-1, dim)
             a, b = max(row, first), min(row + rows.shape[0], last)
             base = shard["start"] - start

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config
-from trainer.optim import ShardSGD
+from trainer.optim import ShardRowOptimizer
 from trainer.partial_fc import PartialFC
 
 
@@ -18,7 +18,7 @@ class TrainingParts:
 
     module: nn.Module  # the backbone, without its DDP wrapper
     pfc: PartialFC
-    shard_optimizer: ShardSGD
+    shard_optimizer: ShardRowOptimizer  # ShardSGD or ShardAdamW
     backbone_optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
     config: Config | None = None

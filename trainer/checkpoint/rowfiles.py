@@ -23,18 +23,31 @@ from trainer.checkpoint.layout import CheckpointError
 
 BLOCK_ROWS = 65536  # checksum granularity of the classifier files
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CLASSIFIER_FILE = re.compile(r"^classifier/(weight|momentum)\.(\d+)-(\d+)\.bin$")  # kind, start, end
+# Row kinds: the centres, the optimiser's [n, D] stores (SGD momentum, AdamW moments), and
+# AdamW's per-row step counts (STEPS: one int32 per row, whatever the classifier dtype).
+KINDS = ("weight", "momentum", "exp_avg", "exp_avg_sq", "steps")
+STEPS = "steps"
+CLASSIFIER_FILE = re.compile(rf"^classifier/({'|'.join(KINDS)})\.(\d+)-(\d+)\.bin$")  # kind, start, end
 
 
 def classifier_name(kind: str, start: int, end: int) -> str:
-    """The file of `kind` ("weight" or "momentum") rows [start, end), relative to the checkpoint."""
+    """The file of `kind` (one of KINDS) rows [start, end), relative to the checkpoint."""
     return f"classifier/{kind}.{start:010d}-{end:010d}.bin"
 
 
-def row_bytes(index: dict[str, Any]) -> int:
-    """Bytes per classifier row of the checkpoint described by `index`."""
-    dtype = DTYPES[index["classifier_dtype"]]
-    return index["embedding_size"] * torch.empty((), dtype=dtype).element_size()
+def row_format(index: dict[str, Any], kind: str = "weight") -> tuple[torch.dtype, int]:
+    """(dtype, values per row) of the `kind` rows of the checkpoint described by `index`
+    (a row is one class: K sub-centres of D values, or K step counts)."""
+    k = index.get("subcenters", 1)
+    if kind == STEPS:
+        return torch.int32, k
+    return DTYPES[index["classifier_dtype"]], index["embedding_size"] * k
+
+
+def row_bytes(index: dict[str, Any], kind: str = "weight") -> int:
+    """Bytes per `kind` row of the checkpoint described by `index`."""
+    dtype, width = row_format(index, kind)
+    return width * torch.empty((), dtype=dtype).element_size()
 
 
 def _host_bytes(t: Tensor) -> np.ndarray:

@@ -34,7 +34,9 @@ from trainer.checkpoint.layout import (
 )
 from trainer.checkpoint.loading import read_index
 from trainer.checkpoint.parts import TrainingParts
-from trainer.checkpoint.rowfiles import BLOCK_ROWS, CLASSIFIER_FILE, classifier_name, write_rows
+from trainer.checkpoint.rowfiles import (
+    BLOCK_ROWS, CLASSIFIER_FILE, STEPS, classifier_name, write_rows,
+)
 from trainer.state import TrainState
 
 log = logging.getLogger("trainer.checkpoint")
@@ -126,7 +128,10 @@ def _replicated_state(parts: TrainingParts, state: TrainState) -> dict[str, Any]
         ),
         "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
         "train_state": asdict(state),
-        "partial_fc": {"sample_step": parts.pfc.sample_step, "seed": parts.pfc.seed},
+        "partial_fc": {
+            "sample_step": parts.pfc.sample_step, "seed": parts.pfc.seed,
+            "margin": {k: v.cpu() for k, v in parts.pfc.margin.state_dict().items()},
+        },
     }
 
 
@@ -143,11 +148,13 @@ def _write_rank_files(
     pfc = parts.pfc
     pfc.flush()  # host offload: land the last step's write-back before reading the rows
     start, end = pfc.class_start, pfc.class_start + pfc.num_local
-    rows = {"weight": pfc.weight.data, "momentum": parts.shard_optimizer.momentum_buffer}
+    opt = parts.shard_optimizer
+    rows = {"weight": pfc.weight.data, **opt.row_states()}
+    if opt.row_steps is not None:
+        rows[STEPS] = opt.row_steps.view(-1, 1)
     entries: dict[str, dict[str, Any]] = {}
     for kind, tensor in rows.items():
-        if tensor is None:  # no momentum
-            continue
+        tensor = tensor.view(pfc.num_local, -1)  # one file row per class: its K sub-centres
         rel = classifier_name(kind, start, end)
         with writing(ckpt / rel):
             entries[rel] = write_rows(ckpt / rel, tensor, block_rows)
@@ -182,11 +189,11 @@ def _index(
 ) -> dict:
     pfc = parts.pfc
     cfg = parts.config
-    shards: dict[str, list[dict[str, Any]]] = {"weight": [], "momentum": []}
+    shards: dict[str, list[dict[str, Any]]] = {"weight": [], "momentum": []}  # always listed
     for rel in sorted(files):
         m = CLASSIFIER_FILE.match(rel)
         if m:
-            shards[m.group(1)].append({"file": rel, "start": int(m.group(2)), "end": int(m.group(3))})
+            shards.setdefault(m.group(1), []).append({"file": rel, "start": int(m.group(2)), "end": int(m.group(3))})
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -196,6 +203,7 @@ def _index(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "num_classes": pfc.num_classes,
         "embedding_size": pfc.embedding_size,
+        "subcenters": pfc.subcenters,
         "classifier_dtype": str(pfc.weight.dtype).removeprefix("torch."),
         "backbone": cfg.backbone.name if cfg is not None else None,
         "train_state": asdict(state),

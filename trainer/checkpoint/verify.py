@@ -14,7 +14,7 @@ from trainer.checkpoint import rng
 from trainer.checkpoint.files import check_file, load_plain, sha256_file
 from trainer.checkpoint.layout import REPLICATED, CheckpointError
 from trainer.checkpoint.loading import read_index
-from trainer.checkpoint.rowfiles import read_blocks, row_bytes
+from trainer.checkpoint.rowfiles import CLASSIFIER_FILE, read_blocks, row_bytes
 
 
 def verify_all(ckpt: Path) -> list[str]:
@@ -28,9 +28,10 @@ def verify_all(ckpt: Path) -> list[str]:
         try:
             path = check_file(ckpt, rel, entry)
             if "sha256" not in entry:
-                rows = entry["bytes"] // row_bytes(index)
+                size = row_bytes(index, CLASSIFIER_FILE.match(rel).group(1))
+                rows = entry["bytes"] // size
                 if rows:
-                    for _ in read_blocks(path, entry, row_bytes(index), 0, rows, True):
+                    for _ in read_blocks(path, entry, size, 0, rows, True):
                         pass
             elif sha256_file(path) != entry["sha256"]:
                 problems.append(f"{path}: checksum mismatch (the file is corrupted)")

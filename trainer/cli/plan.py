@@ -53,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda (default) or cpu (then host memory is the device's)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
-                   help="the backbone's optimiser")
+                   help="optimiser of backbone and classifier (adamw: two moments + step counts)")
+    p.add_argument("--activation-checkpointing", choices=("none", "blocks"), default="none",
+                   help="backbone.activation_checkpointing (blocks: iresnet*, vit_*)")
     p.add_argument("--precision", choices=("fp32", "16bit"), default="16bit",
                    help="backbone autocast on CUDA (activation estimate); default 16bit")
+    p.add_argument("--subcenters", type=int, default=1,
+                   help="partial_fc.subcenters: centres per class (sub-center ArcFace)")
     args = p.parse_args(argv)
     try:
         inputs = PlanInputs(
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             storage=args.storage, offload=args.offload,
             host_memory=None if args.host_memory is None else int(args.host_memory * GIB),
             device=args.device, optimizer=args.optimizer, amp16=args.precision == "16bit",
+            activation_checkpointing=args.activation_checkpointing == "blocks",
+            subcenters=args.subcenters,
         )
     except ValueError as exc:
         name, _, why = str(exc).partition(": ")

@@ -1,12 +1,13 @@
-"""ShardSGD and TrainingOptimizer: no host read in the shard step, the AMP loss scale."""
+"""ShardSGD / ShardAdamW and TrainingOptimizer: no host read in the shard step, the AMP loss scale."""
 
 import contextlib
+import itertools
 
 import pytest
 import torch
 
 from tests.distributed import run_world
-from trainer.optim import LRSchedule, ShardSGD, TrainingOptimizer
+from trainer.optim import LRSchedule, ShardSGD, TrainingOptimizer, make_shard_optimizer
 from trainer.partial_fc import PartialFC
 
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -37,36 +38,36 @@ def _batch(step, rank, dim, num_classes):
 
 
 def _no_host_read_worker(rank, world):
-    """Every storage × offload × rate, with and without an inverse loss scale: the shard
-    step and TrainingOptimizer.step (no scaler) must not read a value to the host."""
+    """Every optimiser × storage × offload × rate, with and without an inverse loss scale:
+    the shard step and TrainingOptimizer.step (no scaler) must not read a value to the host."""
     done = []
-    for storage in ("fp32", "bf16"):
-        for offload in ("none", "host"):
-            for rate in (1.0, 0.3):
-                pfc = PartialFC(300, 8, sample_rate=rate, storage=storage, offload=offload)
-                shard = ShardSGD(pfc, lr=0.1, momentum=0.9, weight_decay=5e-4)
-                backbone = torch.nn.Linear(8, 8)
-                opt = TrainingOptimizer(
-                    torch.optim.SGD(backbone.parameters(), lr=0.1), shard, LRSchedule(0.1, 10)
-                )
-                for step, inv_scale in enumerate((None, torch.tensor(0.25))):
-                    x, labels = _batch(step, rank, 8, 300)
-                    pfc(backbone(x), labels).backward()
-                    before = pfc.weight.detach().clone()
-                    with no_host_reads():
-                        if inv_scale is None:
-                            opt.step(step)
-                        else:
-                            shard.step(inv_scale)
-                    pfc.flush()
-                    assert not torch.equal(before, pfc.weight), (storage, offload, rate)
-                    opt.zero_grad()
-                done.append((storage, offload, rate))
+    for storage, offload, rate, name in itertools.product(
+        ("fp32", "bf16"), ("none", "host"), (1.0, 0.3), ("sgd", "adamw")
+    ):
+        pfc = PartialFC(300, 8, sample_rate=rate, storage=storage, offload=offload)
+        shard = make_shard_optimizer(pfc, name, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        backbone = torch.nn.Linear(8, 8)
+        opt = TrainingOptimizer(
+            torch.optim.SGD(backbone.parameters(), lr=0.1), shard, LRSchedule(0.1, 10)
+        )
+        for step, inv_scale in enumerate((None, torch.tensor(0.25))):
+            x, labels = _batch(step, rank, 8, 300)
+            pfc(backbone(x), labels).backward()
+            before = pfc.weight.detach().clone()
+            with no_host_reads():
+                if inv_scale is None:
+                    opt.step(step)
+                else:
+                    shard.step(inv_scale)
+            pfc.flush()
+            assert not torch.equal(before, pfc.weight), (storage, offload, rate)
+            opt.zero_grad()
+        done.append((storage, offload, rate, name))
     return done
 
 
 def test_shard_step_reads_nothing_back_to_the_host():
-    assert len(run_world(_no_host_read_worker, 2)[0]) == 8
+    assert len(run_world(_no_host_read_worker, 2)[0]) == 16
 
 
 def test_no_host_reads_catches_a_read():
