@@ -7,9 +7,14 @@ compile_s. benchmarks/_smoke.py prints the same table from the JSON (without tor
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
-from benchmarks._launch import fmt_classes
+if __name__ == "__main__":  # `python benchmarks/_bench_table.py --help`: say what it is
+    print(__doc__.strip() + "\n(a module of gpu_bench.py and _smoke.py; it has no command line)")
+    sys.exit(0)
+
+from benchmarks._launch import fmt_classes  # noqa: E402
 
 
 def _find(rows: list[dict], group: str, classes: int, rate: float) -> dict | None:

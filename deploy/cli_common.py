@@ -14,8 +14,11 @@ import sys
 from collections.abc import Callable
 
 from trainer import exit_codes
+from trainer.cli.extras import install_hint
+from trainer.cli.weights import add_weights_arguments, weights_model
 
-__all__ = ["EXIT_ERROR", "EXIT_OK", "non_negative_int", "positive_int", "run_reporting_errors"]
+__all__ = ["EXIT_ERROR", "EXIT_OK", "add_weights_arguments", "non_negative_int", "positive_int",
+           "run_reporting_errors", "weights_model"]
 
 EXIT_OK = exit_codes.OK
 EXIT_ERROR = exit_codes.USAGE
@@ -24,9 +27,16 @@ EXIT_INTERRUPTED = exit_codes.INTERRUPTED
 
 def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
     """Run `command`; a ValueError or OSError becomes `prog: error: <first line>` on
-    stderr and exit code 2, Ctrl-C exit code 130."""
+    stderr and exit code 2, a missing optional dependency the extra to install (exit 2),
+    Ctrl-C exit code 130."""
     try:
         return command()
+    except ModuleNotFoundError as exc:
+        hint = install_hint(exc)
+        if hint is None:
+            raise
+        print(f"{prog}: error: {hint}", file=sys.stderr)
+        return EXIT_ERROR
     except (ValueError, OSError) as exc:
         text = str(exc).strip()
         line = text.splitlines()[0] if text else type(exc).__name__

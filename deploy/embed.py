@@ -14,7 +14,8 @@ with `--strict` the first one is an error (exit 2) and nothing is written.
 `compare` prints the cosine similarity of two faces and "same" or "different" at the
 threshold stored in the model's `model.json` (flip-TTA as that threshold assumes).
 `--model` is an ONNX file, or a training run / checkpoint directory (then PyTorch
-embeds, with the default threshold).
+embeds, with the default threshold); `--weights FILE --backbone NAME` a bare state_dict
+such as arcface_torch's released `backbone.pth` (PyTorch, default threshold).
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def _model_argument(parser: argparse.ArgumentParser) -> None:
 def embed_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        usage=f"{PROG} [-h] (IMAGES... | --list FILE) --model MODEL.onnx --out OUT.npy [options]\n"
-        f"       {PROG} compare A B --model MODEL.onnx [--flip | --no-flip]",
+        usage=f"{PROG} [-h] (IMAGES... | --list FILE) (--model MODEL.onnx | --weights FILE --backbone NAME) "
+        "--out OUT.npy [options]\n"
+        f"       {PROG} compare A B (--model MODEL.onnx | --weights FILE --backbone NAME) [--flip | --no-flip]",
         description="Embed face images (aligned crops; resized to 112x112 when needed) with an "
         "exported model. Writes OUT.npy (float32 [N, D], L2-normalised rows) and OUT.txt (the "
         "image path of each row, in order). Directories are searched recursively for images. "

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy.cli_common import EXIT_OK, non_negative_int, positive_int, run_reporting_errors
+from deploy.cli_common import (
+    EXIT_OK, add_weights_arguments, non_negative_int, positive_int, run_reporting_errors, weights_model,
+)
 
 PROG = "arcshard-export"
 
@@ -51,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         "beside the model (input spec, normalisation, embedding size, config digest, step, "
         "verification accuracies, same/different threshold).",
     )
-    onnx_p.add_argument("--checkpoint", required=True, type=Path, metavar="PATH",
+    source = onnx_p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, metavar="PATH",
                         help="run output dir (its latest checkpoint) or checkpoint dir")
+    add_weights_arguments(onnx_p, source)
     onnx_p.add_argument("--out", required=True, type=Path, metavar="MODEL.onnx",
                         help="ONNX file to write; model card goes to the same name with .json")
     onnx_p.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, metavar="N",
@@ -95,17 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
 def export_command(args: argparse.Namespace) -> int:
     """`arcshard-export onnx`."""
     from deploy.images import UnreadableImage, expand_paths, load_face
-    from deploy.model_card import training_provenance, write_card
+    from deploy.model_card import Provenance, config_digest, training_provenance, write_card
     from deploy.onnx_export import COSINE_BOUND, INPUT_NAME, OUTPUT_NAME, export_onnx
     from trainer.checkpoint.backbone import load_backbone
+    from trainer.cli.extras import require
     from trainer.evaluation.embedder import INPUT_SIZE, preprocess
 
+    require("onnx", "onnxruntime", "onnxscript")
     if args.out.suffix.lower() != ".onnx":
         raise ValueError(f"--out {args.out}: the model file must end in .onnx (model.json goes beside it)")
-    module, cfg = load_backbone(args.checkpoint, map_location="cpu")
-    provenance = training_provenance(args.checkpoint, cfg)
+    if args.weights is not None:  # released weights: no run, no recorded verification
+        module, cfg = weights_model(args)
+        provenance = Provenance(cfg.backbone.name, cfg.backbone.embedding_size,
+                                config_digest(cfg.to_yaml()), run_name=args.weights.stem)
+    else:
+        module, cfg = load_backbone(args.checkpoint, map_location="cpu")
+        provenance = training_provenance(args.checkpoint, cfg)
     step = f" at step {provenance.step}" if provenance.step is not None else ""
-    print(f"loaded {cfg.backbone.name} ({cfg.backbone.embedding_size}-d) from {args.checkpoint}{step}")
+    print(f"loaded {cfg.backbone.name} ({cfg.backbone.embedding_size}-d) from "
+          f"{args.weights or args.checkpoint}{step}")
     parity_inputs = {}
     if args.parity_images is not None:
         if not args.parity_images.is_dir():

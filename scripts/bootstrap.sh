@@ -13,4 +13,4 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${ARCSHARD_TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,report,dali,deploy]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,report,dali,deploy,tensorboard]'

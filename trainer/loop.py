@@ -9,6 +9,12 @@ backbone and the shard's sampled rows with the scheduled learning rate. With
 `optim.grad_accum_steps = k` the loss of k micro-batches is averaged before that step
 (DDP syncs on the last one only).
 
+For the first `optim.freeze_backbone_steps` steps only the classifier trains (fine-tuning
+from `backbone.init`: random class centres would otherwise send large gradients into
+pretrained features): the backbone runs in eval mode (BatchNorm statistics and dropout
+frozen) without autograd, so it gets no gradient, no update and no weight decay. Whether a
+step is frozen depends only on its number, so a resumed run freezes exactly the same steps.
+
 The step reads one value back to the host (`StepFlags.read`): whether loss and gradient
 norm are finite and whether any rank was asked to stop (SIGTERM/SIGUSR1). A step with a
 non-finite loss (or, without a loss scaler, a non-finite gradient) is skipped and
@@ -63,15 +69,32 @@ class StepResult:
     data_wait: float = 0.0  # seconds spent waiting for this step's batches
 
 
-def forward_backward(run: Run, images: Tensor, labels: Tensor, loss_scale: float, sync: bool) -> Tensor:
-    """Loss of one micro-batch; backward of loss · loss_scale (DDP syncs when `sync`)."""
+@contextlib.contextmanager
+def _frozen(backbone: torch.nn.Module) -> Iterator[None]:
+    """The backbone in eval mode (BatchNorm statistics and dropout frozen) without
+    autograd; its mode is restored after."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        backbone.train(was_training)
+
+
+def forward_backward(
+    run: Run, images: Tensor, labels: Tensor, loss_scale: float, sync: bool, frozen: bool = False
+) -> Tensor:
+    """Loss of one micro-batch; backward of loss · loss_scale (DDP syncs when `sync`);
+    `frozen`: the backbone embeds in eval mode without autograd (see the module docstring)."""
     device = run.ctx.device
     images = images.to(device, non_blocking=True)
     if run.cfg.backbone.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = labels.to(device, non_blocking=True)
     with contextlib.nullcontext() if sync else run.backbone.no_sync():
-        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None), \
+                _frozen(run.backbone) if frozen else contextlib.nullcontext():
             embeddings = run.backbone(images)
         loss = run.pfc(embeddings, labels)
         scaled = loss * loss_scale
@@ -82,8 +105,9 @@ def forward_backward(run: Run, images: Tensor, labels: Tensor, loss_scale: float
 def train_step(run: Run, micro_batches: list[Batch], step: int, stop_requested: bool) -> StepResult:
     """Optimizer step `step` (1-based) on `micro_batches`; see the module docstring."""
     accum = len(micro_batches)
+    frozen = step <= run.cfg.optim.freeze_backbone_steps
     loss = sum(
-        forward_backward(run, images, labels, 1.0 / accum, sync=i == accum - 1)
+        forward_backward(run, images, labels, 1.0 / accum, sync=i == accum - 1, frozen=frozen)
         for i, (images, labels) in enumerate(micro_batches)
     ) / accum
     if step in run.cfg.run.inject_nonfinite:  # fault injection for tests and drills
@@ -92,7 +116,10 @@ def train_step(run: Run, micro_batches: list[Batch], step: int, stop_requested: 
     if scaler is not None:
         scaler.unscale_(run.optimizer.backbone)
     params = [p for p in run.backbone.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.optim.clip_grad_norm or math.inf)
+    grad_norm = (
+        torch.zeros((), device=run.ctx.device) if frozen  # no backbone gradient to clip
+        else torch.nn.utils.clip_grad_norm_(params, run.cfg.optim.clip_grad_norm or math.inf)
+    )
     loss_ok, grad_ok, stop = run.flags.read(loss, grad_norm, stop_requested)
     applied = loss_ok and grad_ok
     if applied:
@@ -151,7 +178,7 @@ def train(
     telemetry = Telemetry(run, state.step)
     evaluator = Evaluator(run, telemetry)
     checkpointer = Checkpointer(
-        run.cfg, run.parts, run.source.steps_per_epoch, run.total_steps, telemetry.metrics,
+        run.cfg, run.parts, run.source.steps_per_epoch, run.total_steps, telemetry,
         run_id=run_id, resumed_at=state.step or None,
     )
     run.backbone.train()

@@ -5,7 +5,13 @@ Every rank logs to `OUTPUT/logs/rank{R}.log`; rank 0 also prints progress to std
 Rank 0 appends one JSON object per logged step to `OUTPUT/metrics.jsonl` with at least
 `step`, `epoch`, `loss`, `lr`, `samples_per_sec`, `data_wait_frac`, `grad_norm`,
 `nonfinite_total`, `time` (seconds since start), and per rank (index = rank)
-`samples_per_sec_per_rank`, `data_wait_frac_per_rank`.
+`samples_per_sec_per_rank`, `data_wait_frac_per_rank`. With `metrics.tensorboard` (default:
+when the `tensorboard` package is installed) rank 0 also writes TensorBoard event files to
+`OUTPUT/tensorboard/`: `train/loss`, `train/lr`, `train/samples_per_sec`,
+`train/data_wait_frac`, `train/grad_norm` at every log point, `verification/<target>`
+accuracy at every evaluation and `checkpoint/seconds` at every save, by optimizer step.
+A resumed run appends to the same directory and purges the events a killed run wrote
+past its checkpoint, so every step's curve is the one the resumed run trained.
 
 `Telemetry` is the component the loop tells about every step (`step_done`); it decides
 itself when a log point is due (`run.log_every`, and the last step). Step values stay on
@@ -15,6 +21,7 @@ them once, in the same place the step already synchronises.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -116,15 +123,40 @@ def truncate_partial_line(path: Path) -> int:
     return size - keep
 
 
+def tensorboard_enabled(setting: bool | None) -> bool:
+    """`metrics.tensorboard`: null means on when the `tensorboard` package is installed."""
+    return setting if setting is not None else importlib.util.find_spec("tensorboard") is not None
+
+
+class TensorBoardLog:
+    """Scalars by optimizer step into `output_dir/tensorboard/` event files."""
+
+    def __init__(self, output_dir: str | os.PathLike[str], first_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: hide what a killed run logged beyond the checkpoint we resume from
+        purge = first_step + 1 if first_step else None
+        self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class RunLog:
-    """Rank 0's progress line and metrics.jsonl; a no-op on the other ranks."""
+    """Rank 0's progress line, metrics.jsonl and TensorBoard; a no-op on the other ranks."""
 
     def __init__(
-        self, output_dir: str | os.PathLike[str], is_main: bool, total_steps: int, first_step: int = 0
+        self, output_dir: str | os.PathLike[str], is_main: bool, total_steps: int, first_step: int = 0,
+        tensorboard: bool = False,
     ) -> None:
         """Appends to `output_dir/metrics.jsonl` (a resumed run continues it, after cutting
         off a line left half-written by a kill); `first_step`: the step this process
-        started from (for the ETA)."""
+        started from (for the ETA); `tensorboard`: also write event files."""
         self.is_main = is_main
         self.total_steps = total_steps
         self.first_step = first_step
@@ -138,12 +170,15 @@ class RunLog:
                 log.warning("%s: removed a cut-off last line (%d bytes, written when the run "
                             "was killed) before appending", self.path, removed)
             self._file = open(self.path, "a", encoding="utf-8")
+        self.tensorboard = TensorBoardLog(output_dir, first_step) if is_main and tensorboard else None
 
     def write(self, step: int, epoch: int, lr: float, values: dict[str, float], **extra) -> None:
         if not self.is_main:
             return
         elapsed = time.perf_counter() - self.start
         self.record({"step": step, "epoch": epoch, "lr": lr, **values, **extra, "time": elapsed})
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(step, {"train/lr": lr, **{f"train/{k}": v for k, v in values.items()}})
         eta = (self.total_steps - step) * elapsed / max(step - self.first_step, 1)
         log.info(
             "step %d/%d  epoch %d  loss %.4f  lr %.5f  %.1f img/s  data-wait %.0f%%  eta %s",
@@ -156,10 +191,16 @@ class RunLog:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self.tensorboard is not None and "eval" in record:
+            self.tensorboard.scalars(record["step"], {
+                f"verification/{name}": result["accuracy"] for name, result in record["eval"].items()
+            })
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _duration(seconds: float) -> str:
@@ -196,12 +237,12 @@ class Telemetry:
         self.run = run
         cfg = run.cfg
         self.metrics: Metrics = start_metrics(cfg, run.ctx)
-        self.runlog = RunLog(cfg.run.output_dir, run.ctx.is_main, run.total_steps, first_step)
+        self.runlog = RunLog(cfg.run.output_dir, run.ctx.is_main, run.total_steps, first_step,
+                             tensorboard_enabled(cfg.metrics.tensorboard))
         self.meter = StepMeter()
         self.samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum_steps
         self._step_started = time.perf_counter()
-        momentum = run.optimizer.shard.momentum_buffer  # None without momentum
-        self.metrics.classifier(run.pfc.num_local, run.pfc.weight.nbytes + getattr(momentum, "nbytes", 0))
+        self.metrics.classifier(run.pfc.num_local, run.pfc.weight.nbytes + run.optimizer.shard.state_nbytes)
 
     def step_done(self, state: TrainState, result: StepResult) -> None:
         """Record step `state.step`; log (collective, all ranks alike) when it is due."""
@@ -220,6 +261,7 @@ class Telemetry:
     def _log_point(self, state: TrainState) -> None:
         run = self.run
         values, lr = self.meter.read(), run.optimizer.schedule(state.step - 1)  # the host sync
+        values.update({f"margin_{k}": v for k, v in run.pfc.margin.statistics().items()})
         scale = run.scaler.get_scale() if run.scaler is not None else 1.0
         self.metrics.log_point(values, lr, scale, run.pfc.last_sampled.numel(), run.ctx.device)
         per_rank = gather_per_rank(  # every rank is here: a tiny all-gather
@@ -231,6 +273,12 @@ class Telemetry:
             samples_per_sec_per_rank=[r[0] for r in per_rank],
             data_wait_frac_per_rank=[r[1] for r in per_rank],
         )
+
+    def checkpoint_saved(self, seconds: float, step: int) -> None:
+        """The Checkpointer's report (a `SaveMetrics`): Prometheus and TensorBoard."""
+        self.metrics.checkpoint_saved(seconds, step)
+        if self.runlog.tensorboard is not None:
+            self.runlog.tensorboard.scalars(step, {"checkpoint/seconds": seconds})
 
     def close(self) -> None:
         self.runlog.close()

@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from data_tools.atomic import write_atomic, write_atomic_with
 from trainer import exit_codes
-from trainer.checkpoint import CheckpointError, read_index, resume_point
+from trainer.checkpoint import CheckpointError, checkpoints_root, find_latest, read_index, resume_point
+from trainer.checkpoint.backbone import check_weights, read_weights
 from trainer.config import Config, ConfigError, load_config, save_config
 from trainer.data.errors import DataError
 from trainer.dist import DistContext, detect_env, init_distributed, shutdown
@@ -58,8 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "metrics.jsonl, checkpoints/ (step-N directories, `latest` names the newest "
             "complete one; rerunning the same command resumes from it: "
             "checkpoint.resume=auto|never|PATH), backbone.pt. One run at a time per "
-            "run.output_dir (a second is refused with exit 2). SIGTERM or SIGUSR1: finish "
-            "the step, checkpoint, exit 75. Under plain torchrun a worker's exit code "
+            "run.output_dir (a second is refused with exit 2). backbone.init=PATH starts a "
+            "new run from pretrained backbone weights (arcface_torch backbone.pth, model.pt "
+            "or checkpoint_gpu_0.pt, an arcshard run or backbone.pt; ignored when resuming). "
+            "SIGTERM or SIGUSR1: finish the step, checkpoint, exit 75. Under plain torchrun a worker's exit code "
             "becomes torchrun's 1; launch/train.sh and the sbatch scripts pass it through. "
             + exit_codes.describe(exit_codes.TRAINER)
         ),
@@ -119,8 +122,27 @@ def _run_id(path: Path) -> str:
         return run_id
 
 
-def start(cfg: Config, ctx: DistContext) -> tuple[Run, TrainState]:
-    """The run and the state it starts from (its checkpoint's, or step 0)."""
+def init_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
+    """`backbone.init`'s weights, checked to fit the configured backbone, when this run
+    starts fresh (a run with checkpoints of its own, or `checkpoint.resume=PATH`, resumes
+    instead); read before the process group so a bad file is one config line."""
+    if cfg.backbone.init is None or cfg.checkpoint.resume not in ("auto", "never"):
+        return None
+    if find_latest(checkpoints_root(cfg.run.output_dir)) is not None:
+        return None
+    try:
+        state = read_weights(cfg.backbone.init)
+        check_weights(state, cfg.backbone.init, cfg.backbone.name, cfg.backbone.embedding_size)
+    except CheckpointError as exc:
+        raise ConfigError(f"backbone.init: {exc}") from None
+    return state
+
+
+def start(
+    cfg: Config, ctx: DistContext, init: dict[str, torch.Tensor] | None = None
+) -> tuple[Run, TrainState]:
+    """The run and the state it starts from (its checkpoint's, or step 0 with the
+    backbone weights `init` when given)."""
     checkpoint = resume_point(cfg, ctx.is_main)
     first_epoch = read_index(checkpoint)["train_state"]["epoch"] if checkpoint else 0
     run = build(cfg, ctx, first_epoch)
@@ -134,6 +156,11 @@ def start(cfg: Config, ctx: DistContext) -> tuple[Run, TrainState]:
         state = load(checkpoint, run.parts, verify=cfg.checkpoint.verify, config=cfg)
         log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch",
                  checkpoint, state.step, state.epoch, state.batch_in_epoch)
+        if cfg.backbone.init is not None:
+            log.info("backbone.init=%s ignored: resuming, the run's own checkpoint wins", cfg.backbone.init)
+    elif init is not None:
+        run.module.load_state_dict(init)  # every rank loads the same file: replicas stay equal
+        log.info("backbone weights from %s (backbone.init); the classifier starts fresh", cfg.backbone.init)
     if ctx.is_main:
         save_config(cfg, Path(cfg.run.output_dir) / "config.yaml")
         log.info("output in %s; resolved config in config.yaml", cfg.run.output_dir)
@@ -193,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_world(cfg)
+        init = init_weights(cfg)
         ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     except (ConfigError, ValueError) as exc:  # ValueError: the device/backend choice
         if _launcher_rank() == 0:
@@ -202,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lock, run_id = _lock(cfg, ctx)
         setup_logging(cfg.run.output_dir, ctx.rank)
-        run, state = start(cfg, ctx)
+        run, state = start(cfg, ctx, init)
         train(run, state, run_id=run_id)
         save_backbone(run)
         dist.barrier()

@@ -4,6 +4,9 @@
     arcshard-ckpt verify PATH                  check every file's checksum, and that its .pt
                                                files hold only tensors (exit 1 if damaged)
     arcshard-ckpt export-backbone PATH OUT.pt  backbone weights only (a state_dict)
+    arcshard-ckpt import-arcface-torch SRC_DIR OUT_RUN_DIR --num-classes C [--backbone NAME]
+                                               an arcface_torch run's checkpoint_gpu_{rank}.pt
+                                               files -> a checkpoint that resumes at any world size
 
 PATH is a run output dir (its `checkpoints/latest`), a `checkpoints` dir or one
 `step-N` directory. Re-sharding needs no command: a checkpoint saved at any world size
@@ -26,6 +29,7 @@ from trainer.checkpoint import (
     verify_all,
 )
 from trainer.checkpoint.files import human_size
+from trainer.config import ConfigError
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = exit_codes.OK, exit_codes.FAILED, exit_codes.USAGE
 
@@ -120,7 +124,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("path", type=Path, metavar="PATH")
     p.add_argument("out", type=Path, metavar="OUT.pt")
+    p = sub.add_parser(
+        "import-arcface-torch", help="turn an arcface_torch run (checkpoint_gpu_{rank}.pt per GPU) "
+        "into an arcshard checkpoint that resumes at any world size",
+        description="Reads SRC_DIR/checkpoint_gpu_{rank}.pt (arcface_torch train_v2.py with "
+        "save_all_states=True): class centres mapped to global class ids by arcface_torch's "
+        "sharding, SGD momentum where the files have it, backbone, step and epoch. Writes "
+        "OUT_RUN_DIR/checkpoints/step-N and OUT_RUN_DIR/config.yaml; resume with "
+        "arcshard-train --config OUT_RUN_DIR/config.yaml run.output_dir=OUT_RUN_DIR data.source=... "
+        "data.path=...",
+    )
+    p.add_argument("src", type=Path, metavar="SRC_DIR")
+    p.add_argument("out", type=Path, metavar="OUT_RUN_DIR")
+    p.add_argument("--num-classes", type=int, required=True, metavar="C",
+                   help="the run's class count (arcface_torch config num_classes)")
+    p.add_argument("--backbone", default="iresnet50",
+                   help="arcshard backbone name: r18..r200 -> iresnet18..200, mbf -> mobilefacenet")
+    p.add_argument("--embedding-size", type=int, default=None, metavar="D",
+                   help="default: the class centres' size")
     return parser.parse_args(argv)
+
+
+def import_arcface_torch(args: argparse.Namespace) -> int:
+    from trainer.checkpoint.arcface_torch import import_run
+
+    ckpt = import_run(args.src, args.out, args.num_classes, args.backbone, args.embedding_size)
+    index = read_index(ckpt)
+    print(f"wrote {ckpt}: step {index['step']}, {index['num_classes']} classes x "
+          f"{index['embedding_size']} ({'with' if index['classifier']['momentum'] else 'without'} "
+          f"momentum), {index['backbone']}; resumes at any world size")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             if not problems:
                 print(f"{resolve(args.path)}: ok")
             return EXIT_DAMAGED if problems else EXIT_OK
+        if args.command == "import-arcface-torch":
+            return import_arcface_torch(args)
         return export_backbone(args.path, args.out)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"arcshard-ckpt: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trainer import exit_codes
+from trainer.cli.extras import install_hint
+from trainer.cli.weights import add_weights_arguments, weights_model
 
 EXIT_OK, EXIT_USAGE = exit_codes.OK, exit_codes.USAGE
 
@@ -54,12 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        model = p.add_mutually_exclusive_group(required=True)
+        model = p.add_mutually_exclusive_group()  # one is required: checked in main
         model.add_argument(
             "--checkpoint", type=Path, metavar="PATH",
             help="training run output dir (latest checkpoint, else backbone.pt + config.yaml) or a checkpoint dir",
         )
         model.add_argument("--model", type=Path, metavar="MODEL.onnx", help="an exported ONNX model (onnxruntime, CPU)")
+        add_weights_arguments(p, model)
         p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
         p.add_argument("--no-flip", dest="flip", action="store_false",
                        help="embed the image only (default: image + its mirror)")
@@ -93,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.checkpoint is None and args.model is None and args.weights is None:
+        parser.error("one of the arguments --checkpoint --model is required (or --weights FILE --backbone NAME)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -105,6 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
         print(f"arcshard-eval {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        hint = install_hint(exc)
+        if hint is None:
+            raise
+        print(f"arcshard-eval {args.command}: error: {hint}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"arcshard-eval {args.command}: interrupted", file=sys.stderr)
         return exit_codes.INTERRUPTED
@@ -112,11 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _embedder(args: argparse.Namespace):
-    """The model named by --checkpoint or --model."""
+    """The model named by --checkpoint, --model or --weights."""
     import torch
 
-    from trainer.evaluation.embedder import load_embedder
+    from trainer.evaluation.embedder import TorchEmbedder, load_embedder
 
+    if args.weights is not None:
+        return TorchEmbedder(weights_model(args)[0], batch_size=args.batch_size)
     path = args.model if args.model is not None else args.checkpoint
     if not path.exists():
         flag = "--model" if args.model is not None else "--checkpoint"
