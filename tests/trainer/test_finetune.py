@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 ANCHOR = REPO.parent / "shared" / "anchors" / "arcface_torch"
 OURS = {"r18": "iresnet18", "r50": "iresnet50", "r100": "iresnet100", "mbf": "mobilefacenet"}
 EMBEDDING = 64
+needs_anchor = pytest.mark.skipif(not ANCHOR.is_dir(), reason=f"needs {ANCHOR} (../shared absent)")
 
 
 def _ctx(rank: int, world: int) -> DistContext:
@@ -28,7 +29,10 @@ def _ctx(rank: int, world: int) -> DistContext:
 
 def anchor_model(name: str, embedding_size: int = EMBEDDING) -> torch.nn.Module:
     """arcface_torch's own `get_model(name)`, BatchNorm statistics re-estimated on two
-    random batches (fresh statistics would make every output near-constant)."""
+    random batches (fresh statistics would make every output near-constant). Skips the
+    calling test (or fixture) when ../shared is absent."""
+    if not ANCHOR.is_dir():
+        pytest.skip(f"needs {ANCHOR} (../shared absent)")
     if str(ANCHOR) not in sys.path:
         sys.path.insert(0, str(ANCHOR))
     from backbones import get_model
@@ -74,6 +78,7 @@ def _round_trip_worker(rank, world, base: str):
     return results
 
 
+@needs_anchor
 def test_released_weights_init_a_frozen_run_bit_for_bit(tmp_path):
     (results,) = run_world(_round_trip_worker, 1, str(tmp_path), timeout=600)
     for name, (same, diff, spread, classifier_unchanged) in results.items():
@@ -121,7 +126,9 @@ def _resume_worker(rank, world, base: str):
 
     final = straight.module.state_dict()
     from_run = read_weights(f"{base}/straight")  # an arcshard run dir: its latest checkpoint
-    torch.save(final, Path(base) / "backbone.pt")  # a finished run's backbone.pt, no checkpoints
+    if rank == 0:  # one writer: the other rank must not read a half-written file
+        torch.save(final, Path(base) / "backbone.pt")  # a finished run's backbone.pt, no checkpoints
+    torch.distributed.barrier()
     loaded = [all(torch.equal(final[k], w[k]) for k in final) for w in (from_run, read_weights(base))]
     moved = [any(not torch.equal(initial[k], s[k]) for k in initial) for s in snapshots]
     exact = all(torch.equal(v, straight.module.state_dict()[k]) for k, v in run.module.state_dict().items())
@@ -143,6 +150,7 @@ def _train(*overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.integration
+@needs_anchor
 def test_a_mismatching_init_file_is_one_config_line_naming_the_tensor(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(anchor_model("r18", 512).state_dict(), path)
