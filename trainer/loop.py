@@ -67,6 +67,7 @@ class StepResult:
     nonfinite: bool  # skipped for a non-finite loss (or gradient): counted
     stop: bool  # some rank was signalled: checkpoint and stop
     data_wait: float = 0.0  # seconds spent waiting for this step's batches
+    logit_stats: Tensor | None = None  # [max logit, mean target cosine] (device, detached)
 
 
 @contextlib.contextmanager
@@ -106,10 +107,14 @@ def train_step(run: Run, micro_batches: list[Batch], step: int, stop_requested: 
     """Optimizer step `step` (1-based) on `micro_batches`; see the module docstring."""
     accum = len(micro_batches)
     frozen = step <= run.cfg.optim.freeze_backbone_steps
-    loss = sum(
-        forward_backward(run, images, labels, 1.0 / accum, sync=i == accum - 1, frozen=frozen)
-        for i, (images, labels) in enumerate(micro_batches)
-    ) / accum
+    losses, stats = [], []
+    for i, (images, labels) in enumerate(micro_batches):
+        losses.append(forward_backward(run, images, labels, 1.0 / accum, sync=i == accum - 1,
+                                       frozen=frozen))
+        stats.append(run.pfc.last_logit_stats)
+    loss = sum(losses) / accum
+    logit_stats = torch.stack(stats)  # [accum, 2]: (max logit, mean target cosine)
+    logit_stats = torch.stack([logit_stats[:, 0].max(), logit_stats[:, 1].mean()])
     if step in run.cfg.run.inject_nonfinite:  # fault injection for tests and drills
         loss = loss * float("nan")
     scaler = run.scaler
@@ -128,7 +133,7 @@ def train_step(run: Run, micro_batches: list[Batch], step: int, stop_requested: 
         scaler.update()  # after unscale_: lowers the scale on overflow, re-arms unscale_
     run.optimizer.zero_grad()
     nonfinite = not loss_ok or (not grad_ok and scaler is None)
-    return StepResult(loss, grad_norm, applied, nonfinite, stop)
+    return StepResult(loss, grad_norm, applied, nonfinite, stop, logit_stats=logit_stats)
 
 
 def step_batches(run: Run, state: TrainState) -> Iterator[tuple[list[Batch], float]]:

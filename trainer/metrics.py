@@ -104,6 +104,10 @@ class Metrics:
         self._lr = family(Gauge, "arcshard_learning_rate", "Learning rate of the last step")
         self._grad_norm = family(Gauge, "arcshard_grad_norm", "Backbone gradient norm, unclipped")
         self._loss_scale = family(Gauge, "arcshard_loss_scale", "AMP loss scale (1: no scaling)")
+        self._max_logit = family(Gauge, "arcshard_max_logit", "Largest logit in the log window")
+        self._target_cos = family(
+            Gauge, "arcshard_target_cosine", "Mean cosine to the own class centre, log window"
+        )
         self._sampled = family(
             Gauge, "arcshard_sampled_classes", "Class centres this rank scored in the last step"
         )
@@ -158,6 +162,7 @@ class Metrics:
         now = [
             (self._loss, values["loss"]), (self._grad_norm, values["grad_norm"]),
             (self._lr, lr), (self._loss_scale, loss_scale), (self._sampled, sampled_classes),
+            (self._max_logit, values["max_logit"]), (self._target_cos, values["target_cos"]),
         ]
         rss = _resident_bytes()
         if rss is not None:

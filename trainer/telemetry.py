@@ -4,11 +4,15 @@
 Every rank logs to `OUTPUT/logs/rank{R}.log`; rank 0 also prints progress to stderr.
 Rank 0 appends one JSON object per logged step to `OUTPUT/metrics.jsonl` with at least
 `step`, `epoch`, `loss`, `lr`, `samples_per_sec`, `data_wait_frac`, `grad_norm`,
+`max_logit` (the largest logit any sample had on any class in the window: s · cos plus
+the margin; it climbs towards s before a diverging run's loss does) and `target_cos`
+(the window's mean cosine between an embedding and its own class centre),
 `nonfinite_total`, `time` (seconds since start), and per rank (index = rank)
 `samples_per_sec_per_rank`, `data_wait_frac_per_rank`. With `metrics.tensorboard` (default:
 when the `tensorboard` package is installed) rank 0 also writes TensorBoard event files to
 `OUTPUT/tensorboard/`: `train/loss`, `train/lr`, `train/samples_per_sec`,
-`train/data_wait_frac`, `train/grad_norm` at every log point, `verification/<target>`
+`train/data_wait_frac`, `train/grad_norm`, `train/max_logit`, `train/target_cos` at
+every log point, `verification/<target>`
 accuracy at every evaluation and `checkpoint/seconds` at every save, by optimizer step.
 A resumed run appends to the same directory and purges the events a killed run wrote
 past its checkpoint, so every step's curve is the one the resumed run trained.
@@ -72,16 +76,25 @@ class StepMeter:
 
     loss_sum: Tensor | None = None
     grad_norm: Tensor | None = None
+    max_logit: Tensor | None = None
+    target_cos_sum: Tensor | None = None
     steps: int = 0
     samples: int = 0
     data_wait: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: Tensor, grad_norm: Tensor | None, samples: int, data_wait: float) -> None:
+    def add(
+        self, loss: Tensor, grad_norm: Tensor | None, samples: int, data_wait: float,
+        logit_stats: Tensor | None = None,
+    ) -> None:
         loss = loss.detach().float()
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         if grad_norm is not None:
             self.grad_norm = grad_norm.detach().float()
+        if logit_stats is not None:  # [max logit, mean target cosine] of the step
+            top, cos = logit_stats.detach().float().unbind()
+            self.max_logit = top if self.max_logit is None else torch.maximum(self.max_logit, top)
+            self.target_cos_sum = cos if self.target_cos_sum is None else self.target_cos_sum + cos
         self.steps += 1
         self.samples += samples
         self.data_wait += data_wait
@@ -89,12 +102,16 @@ class StepMeter:
     def read(self) -> dict[str, float]:
         """Window averages (one host read), then start a new window."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        out = {
-            "loss": float(self.loss_sum) / self.steps if self.steps else float("nan"),
-            "grad_norm": float(self.grad_norm) if self.grad_norm is not None else float("nan"),
-            "samples_per_sec": self.samples / elapsed,
-            "data_wait_frac": min(1.0, self.data_wait / elapsed),
-        }
+        steps = max(self.steps, 1)
+        held = {"loss": self.loss_sum, "grad_norm": self.grad_norm,
+                "max_logit": self.max_logit, "target_cos": self.target_cos_sum}
+        present = {k: v for k, v in held.items() if v is not None}
+        read = torch.stack(list(present.values())).tolist() if present else []
+        out = {k: float("nan") for k in held} | dict(zip(present, read))
+        out["loss"] /= steps
+        out["target_cos"] /= steps
+        out["samples_per_sec"] = self.samples / elapsed
+        out["data_wait_frac"] = min(1.0, self.data_wait / elapsed)
         self.__init__()  # type: ignore[misc]
         return out
 
@@ -254,7 +271,8 @@ class Telemetry:
         )
         self._step_started = ended
         world = self.run.ctx.world_size
-        self.meter.add(result.loss, result.grad_norm, self.samples_per_step * world, result.data_wait)
+        self.meter.add(result.loss, result.grad_norm, self.samples_per_step * world,
+                       result.data_wait, result.logit_stats)
         if state.step % self.run.cfg.run.log_every == 0 or state.step == self.run.total_steps:
             self._log_point(state)
 

@@ -281,6 +281,8 @@ def test_every_rank_serves_metrics_during_a_run(live_run):
         assert 0 < _value(last, "arcshard_learning_rate") <= 0.1
         assert _value(last, "arcshard_grad_norm") >= 0
         assert _value(last, "arcshard_loss_scale") == 1
+        assert -64 <= _value(last, "arcshard_max_logit") <= 64  # s · cos (+ margin), s = 64
+        assert -1 <= _value(last, "arcshard_target_cosine") <= 1
         assert 4 <= _value(last, "arcshard_sampled_classes") <= 8
         assert _value(last, "arcshard_classifier_rows") == 8
         assert _value(last, "arcshard_classifier_bytes") == 8 * 64 * 4 * 2  # weight + momentum

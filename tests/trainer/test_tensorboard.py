@@ -86,9 +86,11 @@ def trained_run(tmp_path_factory):
 def test_a_training_run_logs_loss_verification_and_checkpoint_seconds(trained_run):
     scalars = _scalars(trained_run / "tensorboard")
     for tag in ("train/loss", "train/lr", "train/samples_per_sec", "train/data_wait_frac",
-                "train/grad_norm", "verification/pairs", "checkpoint/seconds"):
+                "train/grad_norm", "train/max_logit", "train/target_cos", "verification/pairs",
+                "checkpoint/seconds"):
         assert [step for step, _ in scalars[tag]] == [2, 4], tag
     assert all(0.0 <= v <= 1.0 for _, v in scalars["verification/pairs"])
+    assert all(-1.0 <= v <= 1.0 for _, v in scalars["train/target_cos"])
     assert all(v > 0 for _, v in scalars["train/loss"] + scalars["checkpoint/seconds"])
 
 

@@ -24,6 +24,9 @@ def test_vit_t_with_adamw_learns(tmp_path):
     rows = _metrics(out)
     first, last = rows[0]["loss"], rows[-1]["loss"]
     assert last < 0.8 * first, f"loss did not fall: {first} -> {last}"
+    # Learning shows in the logged pair too: embeddings move towards their own centres.
+    assert rows[-1]["target_cos"] > rows[0]["target_cos"], rows
+    assert all(abs(r["max_logit"]) <= 64 for r in rows), rows
 
 
 @pytest.mark.integration

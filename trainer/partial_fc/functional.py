@@ -87,13 +87,14 @@ class ShardMarginSoftmax(torch.autograd.Function):
     consecutive sub-centres per sampled class), target_cols [N] (column of sample i's
     class among the S here, −1 if another rank owns it), norms [N] (the embeddings'
     norms, for AdaFace), margin, group, workspace, K) returns the mean loss over the N
-    samples, the same on every rank:
+    samples and `stats` = [largest logit, mean target cosine] (not differentiable; the
+    early signs of a divergence, read at log points only), both the same on every rank:
 
         cos = max_k x_hat · (sub / |sub|)ᵀ,  logits = margin(cos),
         loss_i = log Σ_{all ranks' columns} exp(logit) − logit_target
 
     with all-reduce MAX of the row maxima and one all-reduce SUM of (exp-sum, target
-    logit) (CurricularFace adds one of the target cosines). One [N, S·K] buffer holds
+    logit, target cosine) (CurricularFace adds one of the target cosines). One [N, S·K] buffer holds
     the cosines, then (K = 1) logits, probabilities and gradient; with K > 1 the class
     cosines (max over each class's sub-centres) go to a second [N, S] buffer and the
     gradient reaches the arg-max sub-centre only. The normalised centres are never
@@ -117,25 +118,28 @@ class ShardMarginSoftmax(torch.autograd.Function):
             buf = ws.take("class_logits", (n, sub.shape[0] // k), sub)
             best = torch.empty(buf.shape, dtype=torch.int64, device=sub.device)
             torch.max(cosines.view(n, -1, k), dim=2, out=(buf, best))
+        target_cos = buf.gather(1, col).mul_(has_target)  # before the margin rewrites buf
         out = margin.shard_logits_(buf, col, has_target, norms, group)
         buf.mul_(margin.s)  # logits
         row_max = buf.max(dim=1, keepdim=True).values
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
         buf.sub_(row_max).exp_()
-        sums = torch.cat([buf.sum(dim=1, keepdim=True), margin.s * out.target], 1)
+        sums = torch.cat([buf.sum(dim=1, keepdim=True), margin.s * out.target, target_cos], 1)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        exp_sum, target = sums[:, :1], sums[:, 1:]
+        exp_sum, target = sums[:, :1], sums[:, 1:2]
         loss = (exp_sum.log() + row_max - target).mean()
+        stats = torch.stack([row_max.max(), sums[:, 2].mean()]).detach()
+        ctx.mark_non_differentiable(stats)
         buf.div_(exp_sum)  # this rank's softmax probabilities
         ctx.save_for_backward(
             buf, cosines, best, x_hat, sub, inv_norm, col, has_target, out.d_target, out.d_other
         )
         ctx.n, ctx.s, ctx.ws, ctx.k = n, margin.s, ws, k
-        return loss
+        return loss, stats
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_stats):  # type: ignore[override]
         buf, cosines, best, x_hat, sub, inv_norm, col, has_target, d_target, d_other = ctx.saved_tensors
         grad = buf  # used once: (softmax − one-hot) · g / N, in place
         grad.scatter_add_(1, col, -has_target.to(grad.dtype))

@@ -70,7 +70,9 @@ class PartialFC(nn.Module):
     [class_start, class_start + num_local)), `subcenters` (K), `weight` ([num_local·K,
     D], not trained by autograd; its storage dtype, on the host when offloaded),
     `last_sampled` (sorted local row indices of `weight` used by the last forward, on
-    its device), `storage` (the `ShardStorage` every read and write of `weight` and its
+    its device), `last_logit_stats` (the last forward's [largest logit over every
+    rank's scored columns, mean target cosine], detached, on the device: logged, never
+    synced per step), `storage` (the `ShardStorage` every read and write of `weight` and its
     optimiser state goes through), `margin` (a `trainer.margins.Margin`; AdaFace reads
     the norms of the embeddings given to forward, so do not normalise them upstream).
 
@@ -143,6 +145,7 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(weight.to(self.storage.device), requires_grad=False)
         self.sample_step = 0
         self.last_sampled: Tensor | None = None
+        self.last_logit_stats: Tensor | None = None
         self._sampled: list[tuple[Tensor, Tensor]] = []  # (rows, leaf copy) since zero_grad
         self.workspace = Workspace()
 
@@ -195,7 +198,7 @@ class PartialFC(nn.Module):
             if not self.samples_all:
                 local = torch.searchsorted(rows, local.clamp(0, self.num_local - 1))
             target_cols = torch.where(owned, local, -1)
-            loss = ShardMarginSoftmax.apply(
+            loss, self.last_logit_stats = ShardMarginSoftmax.apply(
                 F.normalize(x, dim=1), sub, target_cols, norms, self.margin, self.group,
                 self.workspace, self.subcenters,
             )

@@ -60,6 +60,14 @@ def _full_softmax_worker(rank, world, num_classes, dim, batch, margin_args):
     torch.testing.assert_close(
         local_x.grad, ref_x.grad[rank * batch : (rank + 1) * batch], rtol=1e-5, atol=1e-12
     )
+    # The logged early-warning pair: the largest logit of the global batch over all
+    # classes, and the mean cosine to the own class centre.
+    with torch.no_grad():
+        cos = F.normalize(x, dim=1) @ F.normalize(full_w, dim=1).T
+        ref_stats = torch.stack([
+            CombinedMargin(*margin_args)(cos, labels).max(), cos.gather(1, labels[:, None]).mean()
+        ])
+    torch.testing.assert_close(pfc.last_logit_stats, ref_stats, rtol=1e-10, atol=1e-12)
     lr = 0.5
     ShardSGD(pfc, lr=lr, momentum=0.0, weight_decay=0.0).step()
     expected = (full_w - lr * ref_w.grad)[start : start + count]
