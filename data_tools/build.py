@@ -16,10 +16,17 @@ SRC is either
 Images become ``size x size`` RGB JPEGs. An image that already is a ``size x size``
 3-channel (YCbCr/RGB) JPEG is copied unchanged, after its whole entropy-coded stream is
 decoded once (at 1/8 scale) to validate it. Anything else Pillow reads (PNG, GIF, PGM,
-grayscale, CMYK, ...) is converted to RGB and, when not ``size x size``, resized so that
-its *shorter side* is ``size`` and then centre-cropped to a square
-(:func:`data_tools.face.square_crop`, the geometry the embedder serves faces with too),
-then encoded with ``--quality``
+grayscale, CMYK, ...) is converted to RGB and, when not ``size x size``, made square by
+``--fit`` (recorded in the manifest as ``fit``; :func:`data_tools.face.fit_image`, the
+geometry the embedder serves faces with too):
+
+* ``crop`` (default): shorter side to ``size``, centre crop; a 92x112 portrait loses its
+  top and bottom 10 rows, a 320x243 photo 38 columns at each side;
+* ``squash``: resized to ``size x size``, aspect ratio ignored (nothing lost, stretched);
+* ``pad``: longer side to ``size``, aspect kept, centred between grey (128) bars; a
+  320x243 photo becomes 112x85 with 13 grey rows above and 14 below.
+
+It is then encoded with ``--quality``
 (4:2:0 chroma subsampling, as Pillow does). A larger 3-channel JPEG is first decoded with
 libjpeg-turbo DCT scaling by the smallest factor ``M/8`` (M = 1..8) that keeps both sides
 ``>= size`` (a 128x128 JPEG decodes straight to 112x112 at 7/8), and only what remains
@@ -46,7 +53,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from data_tools.face import square_crop
+from data_tools.face import FIT_MODES, fit_image
 from data_tools.shards import (
     TOOL_VERSION,
     DatasetSpec,
@@ -153,16 +160,17 @@ def read_source(src: Path) -> Source:
 _SOI = b"\xff\xd8\xff"  # how Pillow recognises a JPEG
 
 
-def encode_image(data: bytes, size: int, quality: int) -> bytes:
-    """``size x size`` RGB JPEG bytes for an encoded image (see the module docstring)."""
+def encode_image(data: bytes, size: int, quality: int, fit: str = "crop") -> bytes:
+    """``size x size`` RGB JPEG bytes for an encoded image, made square by ``fit`` (see the
+    module docstring)."""
     if data[:3] == _SOI:
-        encoded = _encode_jpeg(data, size, quality)
+        encoded = _encode_jpeg(data, size, quality, fit)
         if encoded is not None:
             return encoded
-    return _encode_with_pillow(data, size, quality)
+    return _encode_with_pillow(data, size, quality, fit)
 
 
-def _encode_jpeg(data: bytes, size: int, quality: int) -> bytes | None:
+def _encode_jpeg(data: bytes, size: int, quality: int, fit: str) -> bytes | None:
     """The fast path for 3-channel JPEGs, or None to leave the image to Pillow."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -180,11 +188,11 @@ def _encode_jpeg(data: bytes, size: int, quality: int) -> bytes | None:
         return None  # Pillow decides: it rejects (with its reason) or accepts it
     h, w = pixels.shape[:2]
     if (w, h) != (size, size):
-        pixels = np.asarray(square_crop(Image.fromarray(pixels, "RGB"), size))
+        pixels = np.asarray(fit_image(Image.fromarray(pixels, "RGB"), size, fit))
     return simplejpeg.encode_jpeg(pixels, quality=quality, colorspace="RGB", colorsubsampling="420")
 
 
-def _encode_with_pillow(data: bytes, size: int, quality: int) -> bytes:
+def _encode_with_pillow(data: bytes, size: int, quality: int, fit: str) -> bytes:
     image = open_encoded(data)
     if image.format == "JPEG" and image.mode == "RGB" and image.size == (size, size):
         validate(image)
@@ -194,8 +202,7 @@ def _encode_with_pillow(data: bytes, size: int, quality: int) -> bytes:
     decode(image)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    if image.size != (size, size):
-        image = square_crop(image, size)
+    image = fit_image(image, size, fit)
     pixels = np.ascontiguousarray(np.asarray(image))
     return simplejpeg.encode_jpeg(pixels, quality=quality, colorspace="RGB", colorsubsampling="420")
 
@@ -206,10 +213,11 @@ class ImageEncoder:
 
     size: int
     quality: int
+    fit: str = "crop"
 
     def __call__(self, item: tuple[str, int]) -> tuple[bytes, int]:
         path, label = item
-        return encode_image(read_regular_file(path), self.size, self.quality), label
+        return encode_image(read_regular_file(path), self.size, self.quality, self.fit), label
 
 
 _NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
@@ -262,6 +270,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_writer_arguments(parser)
     parser.add_argument("--size", type=int, default=112, help="output side in pixels (default 112)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
+    add_fit_argument(parser, default="crop", default_text="crop; recorded in the manifest as fit")
+
+
+def add_fit_argument(parser: argparse.ArgumentParser, default: str | None, default_text: str) -> None:
+    """``--fit crop|squash|pad`` (shared with ``make-pairs``), each explained with an example;
+    ``default_text`` says what the default is."""
+    parser.add_argument(
+        "--fit", choices=FIT_MODES, default=default,
+        help="how a photo that is not SIZE x SIZE becomes square: crop = shorter side to SIZE, "
+        "centre crop (a 320x243 photo loses 38 columns each side); "
+        "squash = resized to SIZE x SIZE ignoring the aspect ratio (nothing lost, stretched); "
+        "pad = longer side to SIZE, aspect kept, grey (128) bars (at SIZE 112 a 320x243 photo "
+        f"becomes 112x85 between 13 and 14 grey rows); default: {default_text}",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -275,8 +297,11 @@ def run(args: argparse.Namespace) -> int:
     options = {"tool": TOOL_VERSION, "seed": args.seed, "shard_size": shard_size,
                "size": args.size, "quality": args.quality,
                "codec": "simplejpeg-dct-scale"}  # a .partial from the older Pillow-only code is not resumable
+    if args.fit != "crop":
+        options["fit"] = args.fit  # absent for crop: a .partial from before --fit (all crop) stays resumable
     write_dataset(DatasetSpec(
-        out=args.out, items=items, describe=operator.itemgetter(0), processor=ImageEncoder(args.size, args.quality),
+        out=args.out, items=items, describe=operator.itemgetter(0),
+        processor=ImageEncoder(args.size, args.quality, args.fit), fit=args.fit,
         num_classes=len(source.class_names), class_names=source.class_names,
         image_size=(args.size, args.size), source=str(args.src.resolve()),
         fingerprint=fingerprint(options, [f"{p}\t{c}" for p, c in items]), seed=args.seed, shard_size=shard_size,

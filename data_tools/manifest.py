@@ -12,8 +12,15 @@ dataset from a partial or damaged one without reading every record.
       "shards": [{"rec": "train-00000.rec", "idx": "train-00000.idx", "num_records": 40000,
                   "rec_bytes": ..., "rec_sha256": "...", "idx_bytes": ..., "idx_sha256": "..."}],
       "class_names": ["id_0001", ...],      # class id -> source folder / identity name
-      "source": "...", "tool_version": "0.1.0", "seed": 0
+      "source": "...", "tool_version": "0.1.0", "seed": 0,
+      "fit": "crop"                         # how non-square photos became square
     }
+
+`fit` is the `data_tools.face.FIT_MODES` geometry `arcshard-data build --fit` gave
+photos that were not `size x size` (crop, squash or pad); the commands that prepare
+faces for a model trained on the set take it from here. A manifest without it (made
+before `--fit` existed, all crop) reads as "crop"; a dataset with no non-square photo
+(an insightface import) says "crop" too, the default every command uses.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_tools.atomic import write_atomic
+from data_tools.face import FIT_MODES
 from data_tools.recordio import count_index
 
 MANIFEST = "manifest.json"
@@ -54,6 +62,7 @@ class Manifest:
     source: str = ""
     tool_version: str = ""
     seed: int = 0
+    fit: str = "crop"  # data_tools.face.FIT_MODES; absent in older manifests, which all cropped
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -122,6 +131,11 @@ def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
             raise TypeError("counts and image_size must be integers, image_size [height, width]")
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: malformed manifest ({exc}); rebuild the dataset") from None
+    if manifest.fit not in FIT_MODES:
+        raise ValueError(
+            f"{path}: fit {manifest.fit!r} is not one of {', '.join(FIT_MODES)} (how the build "
+            "made non-square photos square); correct the field or rebuild with `arcshard-data build --fit`"
+        )
     counted = sum(s.num_records for s in manifest.shards)
     if counted != manifest.num_images:
         raise ValueError(

@@ -15,7 +15,11 @@ it with ``pickle.load(f, encoding='bytes')`` (their files were pickled by Python
 (Python >= 3.4) with ``bytes`` objects, which that call and a plain ``pickle.load(f)``
 read alike. Identities and their images are listed, and images converted to
 ``--size`` x ``--size`` RGB JPEGs, exactly as ``arcshard-data build`` does for training
-(:func:`data_tools.build.list_image_folder`, :func:`data_tools.build.encode_image`).
+(:func:`data_tools.build.list_image_folder`, :func:`data_tools.build.encode_image`),
+with the same ``--fit`` geometry. A model should be verified on faces shaped as it was
+trained, so with ``--exclude-from`` and no ``--fit`` the training set's manifest ``fit``
+is used (and printed); without either, ``crop``. A ``--fit`` that differs from the
+training set's is used, with a warning.
 
 The pairs are N/2 genuine (two images of one identity) and N/2 impostor (images of two
 identities), all distinct, spread as evenly as possible over identities, seeded
@@ -33,8 +37,14 @@ import random
 from pathlib import Path
 
 from data_tools.atomic import write_atomic_with
-from data_tools.build import encode_image, list_image_folder, read_regular_file
-from data_tools.manifest import load_manifest
+from data_tools.build import (
+    add_fit_argument,
+    encode_image,
+    list_image_folder,
+    read_regular_file,
+)
+from data_tools.face import check_fit
+from data_tools.manifest import MANIFEST, load_manifest
 from data_tools.shards import Rejected
 
 log = logging.getLogger(__name__)
@@ -56,22 +66,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--exclude-from", type=Path, default=None, metavar="DATASET_DIR",
-        help="skip identities that appear in this training set's manifest class_names",
+        help="skip identities that appear in this training set's manifest class_names "
+        "(and take its fit unless --fit is given)",
     )
+    add_fit_argument(parser, default=None, default_text="the fit of the --exclude-from training set, else crop")
 
 
 def run(args: argparse.Namespace) -> int:
     identities = None if args.identities is None else [n for n in args.identities.split(",") if n]
+    fit, fit_source = pairs_fit(args.fit, args.exclude_from)
     bins, issame = make_pairs(
         args.src, args.pairs, seed=args.seed, size=args.size, quality=args.quality,
-        identities=identities, exclude_from=args.exclude_from,
+        identities=identities, exclude_from=args.exclude_from, fit=fit,
     )
     write_bin(args.out, bins, issame)
     print(
         f"{args.out}: {len(issame)} pairs ({sum(issame)} genuine, {len(issame) - sum(issame)} "
-        f"impostor), {args.size}x{args.size} JPEG"
+        f"impostor), {args.size}x{args.size} JPEG, fit {fit} ({fit_source})"
     )
     return 0
+
+
+def pairs_fit(fit: str | None, exclude_from: Path | None) -> tuple[str, str]:
+    """(fit, where it came from): ``--fit``, else the ``--exclude-from`` training set's
+    manifest, else crop (see the module docstring)."""
+    trained = None if exclude_from is None else load_manifest(exclude_from).fit
+    if fit is None:
+        if trained is None:
+            return "crop", "default"
+        return trained, f"from {exclude_from / MANIFEST}"
+    if trained is not None and trained != fit:
+        log.warning("make-pairs: --fit %s, but the training set %s was built with fit %s; "
+                    "the model will see faces shaped unlike its training images", fit, exclude_from, trained)
+    return fit, "--fit"
 
 
 def make_pairs(
@@ -83,14 +110,17 @@ def make_pairs(
     quality: int = 95,
     identities: list[str] | None = None,
     exclude_from: Path | None = None,
+    fit: str = "crop",
 ) -> tuple[list[bytes], list[bool]]:
-    """``(bins, issame_list)`` for ``num_pairs`` pairs drawn from the image folder ``src``."""
+    """``(bins, issame_list)`` for ``num_pairs`` pairs drawn from the image folder ``src``,
+    images made square by ``fit`` (``data_tools.face.FIT_MODES``)."""
     if num_pairs < 2 or num_pairs % 2:
         raise ValueError(f"--pairs {num_pairs}: must be a positive even number (half genuine, half impostor)")
     if size < 1:
         raise ValueError(f"--size {size}: must be a positive number of pixels")
     if not 1 <= quality <= 100:
         raise ValueError(f"--quality {quality}: must be in 1..100")
+    check_fit(fit)
     folders = list_identities(src, identities, exclude_from)
     rng = random.Random(seed)
     half = num_pairs // 2
@@ -104,7 +134,7 @@ def make_pairs(
     for (a, b), _ in pairs:
         for path in (a, b):
             if path not in cache:
-                cache[path] = encode(path, size, quality)
+                cache[path] = encode(path, size, quality, fit)
             bins.append(cache[path])
     return bins, [same for _, same in pairs]
 
@@ -201,9 +231,9 @@ def impostor_pairs(folders: dict[str, list[Path]], count: int, rng: random.Rando
     return pairs
 
 
-def encode(path: Path, size: int, quality: int) -> bytes:
-    """The image at ``path`` as ``arcshard-data build`` stores it: a ``size x size`` RGB JPEG."""
+def encode(path: Path, size: int, quality: int, fit: str = "crop") -> bytes:
+    """The image at ``path`` as ``arcshard-data build --fit fit`` stores it: a ``size x size`` RGB JPEG."""
     try:
-        return encode_image(read_regular_file(str(path)), size, quality)
+        return encode_image(read_regular_file(str(path)), size, quality, fit)
     except Rejected as exc:
         raise ValueError(f"{path}: {exc}; remove or replace the file") from None

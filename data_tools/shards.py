@@ -134,6 +134,7 @@ class DatasetSpec:
     image_size: tuple[int, int]
     source: str
     fingerprint: str
+    fit: str = "crop"  # recorded in the manifest: how the processor made photos square
     seed: int = 0
     shard_size: int = 10_000
     workers: int = 1
@@ -267,7 +268,7 @@ def _finish(spec: DatasetSpec, partial: Path, shards: list[ShardInfo], rejected:
     manifest = Manifest(
         num_images=num_images, num_classes=spec.num_classes, image_size=spec.image_size,
         shards=shards, class_names=spec.class_names, source=spec.source,
-        tool_version=TOOL_VERSION, seed=spec.seed,
+        tool_version=TOOL_VERSION, seed=spec.seed, fit=spec.fit,
     )
     _write_rejected(partial, rejected)
     write_manifest(partial, manifest)
@@ -310,7 +311,7 @@ def _load_progress(partial: Path, fingerprint: str) -> list[dict[str, Any]]:
     if not same:
         raise ValueError(
             f"{path}: the interrupted run had other inputs or options (source, seed, shard size, "
-            f"image size, quality); repeat its command line, or pass --force without --resume to start over"
+            f"image size, quality, fit); repeat its command line, or pass --force without --resume to start over"
         )
     for shard in done:
         for name, size in ((shard["rec"], shard["rec_bytes"]), (shard["idx"], shard["idx_bytes"])):

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 from trainer import exit_codes
 from trainer.cli.extras import install_hint
-from trainer.cli.weights import add_weights_arguments, weights_model
+from trainer.cli.weights import add_weights_arguments, checkpoint_model, weights_model
 
-__all__ = ["EXIT_ERROR", "EXIT_OK", "add_weights_arguments", "non_negative_int", "positive_int",
-           "run_reporting_errors", "weights_model"]
+__all__ = ["EXIT_ERROR", "EXIT_OK", "add_weights_arguments", "checkpoint_model", "non_negative_int",
+           "positive_int", "run_reporting_errors", "weights_model"]
 
 EXIT_OK = exit_codes.OK
 EXIT_ERROR = exit_codes.USAGE

@@ -6,7 +6,8 @@
 
 Embedding writes `embeddings.npy` (float32 `[N, D]`, rows L2-normalised) and
 `embeddings.txt` (row i's image path on line i). Images are decoded with Pillow on
-`--workers` threads, converted to RGB, resized to 112x112 when they are not, normalised
+`--workers` threads, converted to RGB, made 112x112 when they are not by the fit the
+model's training set was built with (`--fit` overrides; `deploy.fit`), normalised
 as in training and embedded `--batch-size` at a time (`trainer.evaluation.embedder`:
 the same code verification uses). Unreadable images are skipped and listed on stderr;
 with `--strict` the first one is an error (exit 2) and nothing is written.
@@ -14,8 +15,10 @@ with `--strict` the first one is an error (exit 2) and nothing is written.
 `compare` prints the cosine similarity of two faces and "same" or "different" at the
 threshold stored in the model's `model.json` (flip-TTA as that threshold assumes).
 `--model` is an ONNX file, or a training run / checkpoint directory (then PyTorch
-embeds, with the default threshold); `--weights FILE --backbone NAME` a bare state_dict
-such as arcface_torch's released `backbone.pth` (PyTorch, default threshold).
+embeds, with the default threshold, the checkpoint's EMA weights when the run kept an
+average, its trained weights with `--raw-weights`; which is printed on stderr);
+`--weights FILE --backbone NAME` a bare state_dict such as arcface_torch's released
+`backbone.pth` (PyTorch, default threshold).
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy.cli_common import EXIT_OK, add_weights_arguments, positive_int, run_reporting_errors, weights_model
+from deploy.cli_common import (
+    EXIT_OK, add_weights_arguments, checkpoint_model, positive_int, run_reporting_errors, weights_model,
+)
+from deploy.fit import add_fit_argument, model_fit
 
 PROG = "arcshard-embed"
 DEFAULT_BATCH_SIZE = 32
@@ -44,6 +50,7 @@ def _model_argument(parser: argparse.ArgumentParser) -> None:
                         help="ONNX model from `arcshard-export onnx` (or a run / checkpoint dir, "
                         "embedded with PyTorch)")
     add_weights_arguments(parser, source)
+    add_fit_argument(parser)
 
 
 def embed_parser() -> argparse.ArgumentParser:
@@ -93,15 +100,16 @@ def compare_parser() -> argparse.ArgumentParser:
 
 
 def _load_embedder(args: argparse.Namespace, batch_size: int):
-    """The `--weights` backbone, else `trainer.evaluation.embedder.load_embedder` of
-    `--model`, refusing a file that is not `.onnx` (which it would take for a checkpoint
-    directory)."""
+    """The `--weights` backbone, the run / checkpoint directory `--model` names (its EMA
+    unless --raw-weights), else `trainer.evaluation.embedder.load_embedder` of the
+    `--model` file, refusing a file that is not `.onnx`."""
     from trainer.evaluation.embedder import TorchEmbedder, load_embedder
 
     if args.weights is not None:
         return TorchEmbedder(weights_model(args)[0], batch_size=batch_size)
     model = args.model
-
+    if model.is_dir():
+        return TorchEmbedder(checkpoint_model(model, args, PROG).module, batch_size=batch_size)
     if model.is_file() and model.suffix.lower() != ".onnx":
         raise ValueError(
             f"{model}: not an ONNX model; give the .onnx file `arcshard-export onnx` wrote "
@@ -110,7 +118,7 @@ def _load_embedder(args: argparse.Namespace, batch_size: int):
     return load_embedder(model, batch_size=batch_size)
 
 
-def _decoded(paths: list[Path], workers: int, ahead: int) -> Iterator[tuple[Path, np.ndarray | None, str]]:
+def _decoded(paths: list[Path], workers: int, ahead: int, fit: str) -> Iterator[tuple[Path, np.ndarray | None, str]]:
     """(path, RGB uint8 face or None, why not) for each path, in order, decoded on
     `workers` threads (Pillow releases the GIL while decoding) at most `ahead` images
     ahead of the consumer, so memory stays bounded for any number of images."""
@@ -118,7 +126,7 @@ def _decoded(paths: list[Path], workers: int, ahead: int) -> Iterator[tuple[Path
 
     def load(path: Path) -> tuple[Path, np.ndarray | None, str]:
         try:
-            return path, load_face(path), ""
+            return path, load_face(path, fit), ""
         except UnreadableImage as exc:
             return path, None, str(exc)
 
@@ -151,6 +159,7 @@ def embed_command(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError(f"no image files found in {' '.join(map(str, args.images)) or args.list}")
     embedder = _load_embedder(args, args.batch_size)
+    fit, fit_source = model_fit(args.fit, model=args.model)
     rows: list[np.ndarray] = []
     kept: list[Path] = []
     skipped: list[str] = []
@@ -162,7 +171,7 @@ def embed_command(args: argparse.Namespace) -> int:
             pending.clear()
 
     with tqdm(total=len(paths), unit="img", file=sys.stderr, desc="embedding", disable=None) as progress:
-        for path, face, reason in _decoded(paths, args.workers, ahead=2 * args.batch_size):
+        for path, face, reason in _decoded(paths, args.workers, ahead=2 * args.batch_size, fit=fit):
             progress.update()
             if face is None:
                 if args.strict:
@@ -186,7 +195,8 @@ def embed_command(args: argparse.Namespace) -> int:
     write_atomic(args.out, buffer.getvalue())
     print(
         f"wrote {args.out} ({embeddings.shape[0]} x {embeddings.shape[1]} float32, L2-normalised"
-        f"{', flip TTA' if args.flip else ''}) and {listing}; skipped {len(skipped)} unreadable image(s)"
+        f"{', flip TTA' if args.flip else ''}) and {listing}; skipped {len(skipped)} unreadable image(s); "
+        f"fit {fit} ({fit_source})"
     )
     return EXIT_OK
 
@@ -201,14 +211,15 @@ def compare_command(args: argparse.Namespace) -> int:
     threshold = threshold_of(card)
     cosine_threshold = threshold.cosine if args.threshold is None else args.threshold
     flip = threshold.flip if args.flip is None else args.flip
-    faces = np.stack([load_face(args.a), load_face(args.b)])
+    fit, fit_source = model_fit(args.fit, model=args.model)
+    faces = np.stack([load_face(args.a, fit), load_face(args.b, fit)])
     embedder = _load_embedder(args, batch_size=2)
     a, b = embed(embedder, preprocess(faces), flip=flip)
     cosine = float(np.dot(a, b))
     verdict = "same" if cosine >= cosine_threshold else "different"
     source = "--threshold" if args.threshold is not None else threshold.source
     print(f"cosine {cosine:.4f}: {verdict} (threshold {cosine_threshold:.4f} from {source}; "
-          f"flip TTA {'on' if flip else 'off'})")
+          f"flip TTA {'on' if flip else 'off'}); fit {fit} ({fit_source})")
     return EXIT_OK
 
 

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from deploy.cli_common import (
-    EXIT_OK, add_weights_arguments, non_negative_int, positive_int, run_reporting_errors, weights_model,
+    EXIT_OK, add_weights_arguments, checkpoint_model, non_negative_int, positive_int,
+    run_reporting_errors, weights_model,
 )
+from deploy.fit import add_fit_argument, model_fit
 
 PROG = "arcshard-export"
 
@@ -44,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "onnx",
         help="export a checkpoint's backbone to ONNX and check it with onnxruntime",
         description="Export the backbone of a training run (its latest checkpoint, or the "
-        "backbone.pt a finished run leaves) or of a checkpoint directory to ONNX: single "
+        "backbone.pt a finished run leaves) or of a checkpoint directory to ONNX (its EMA "
+        "weights when the run kept an average, backbone.ema_decay > 0; --raw-weights: its "
+        "trained weights; recorded as metadata 'weights'): single "
         "input 'input' float32 NCHW [N, 3, 112, 112], RGB, (pixel - 127.5) / 127.5; single "
         "output 'embedding' float32 [N, D] (not L2-normalised). The graph is checked with "
         "onnx.checker, then PyTorch and onnxruntime embed the same random inputs (and "
@@ -69,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     onnx_p.add_argument("--parity-images", type=Path, metavar="DIR",
                         help="also compare on real images: the first --parity-samples images found "
                         "below DIR (aligned face crops; resized to 112x112 when needed)")
+    add_fit_argument(onnx_p, "; used for --parity-images and recorded in model.json (input.fit), "
+                     "which arcshard-embed follows")
     onnx_p.add_argument("--parity-samples", type=positive_int, default=RANDOM_PARITY_IMAGES, metavar="K",
                         help=f"random inputs compared, and most images taken from --parity-images "
                         f"(default {RANDOM_PARITY_IMAGES})")
@@ -101,7 +107,6 @@ def export_command(args: argparse.Namespace) -> int:
     from deploy.images import UnreadableImage, expand_paths, load_face
     from deploy.model_card import Provenance, config_digest, training_provenance, write_card
     from deploy.onnx_export import COSINE_BOUND, INPUT_NAME, OUTPUT_NAME, export_onnx
-    from trainer.checkpoint.backbone import load_backbone
     from trainer.cli.extras import require
     from trainer.evaluation.embedder import INPUT_SIZE, preprocess
 
@@ -112,12 +117,15 @@ def export_command(args: argparse.Namespace) -> int:
         module, cfg = weights_model(args)
         provenance = Provenance(cfg.backbone.name, cfg.backbone.embedding_size,
                                 config_digest(cfg.to_yaml()), run_name=args.weights.stem)
+        weights = "file"
     else:
-        module, cfg = load_backbone(args.checkpoint, map_location="cpu")
+        module, cfg, weights = checkpoint_model(args.checkpoint, args, PROG)
         provenance = training_provenance(args.checkpoint, cfg)
     step = f" at step {provenance.step}" if provenance.step is not None else ""
     print(f"loaded {cfg.backbone.name} ({cfg.backbone.embedding_size}-d) from "
-          f"{args.weights or args.checkpoint}{step}")
+          f"{args.weights or args.checkpoint}{step}, {weights} weights")
+    fit, fit_source = model_fit(args.fit, cfg=None if args.weights is not None else cfg)
+    print(f"fit {fit} ({fit_source}), recorded in the model card")
     parity_inputs = {}
     if args.parity_images is not None:
         if not args.parity_images.is_dir():
@@ -127,7 +135,7 @@ def export_command(args: argparse.Namespace) -> int:
             if len(faces) == args.parity_samples:
                 break
             try:
-                faces.append(load_face(path))
+                faces.append(load_face(path, fit))
             except UnreadableImage as exc:
                 print(f"skipped {exc}", file=sys.stderr)
         if not faces:
@@ -142,6 +150,7 @@ def export_command(args: argparse.Namespace) -> int:
             "embedding_size": str(cfg.backbone.embedding_size),
             "normalisation": "(pixel - 127.5) / 127.5, RGB, NCHW",
             "config_sha256": provenance.config_sha256,
+            "weights": weights,  # ema / raw: which of the checkpoint's backbones; file: --weights
         },
     )
     size_mb = args.out.stat().st_size / 2**20
@@ -151,7 +160,7 @@ def export_command(args: argparse.Namespace) -> int:
         print(result.line())
     card = write_card(
         args.out, provenance, precision=precision, opset=args.opset, batch=args.batch, input_name=INPUT_NAME,
-        output_name=OUTPUT_NAME, input_size=INPUT_SIZE, parity=[r.as_dict() for r in results],
+        output_name=OUTPUT_NAME, input_size=INPUT_SIZE, fit=fit, parity=[r.as_dict() for r in results],
         cosine_bound=COSINE_BOUND[precision],
     )
     print(f"wrote {card}")

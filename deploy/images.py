@@ -2,10 +2,10 @@
 
 Any format Pillow reads (JPEG, PNG, GIF, PGM, BMP, WebP, ...); grayscale, palette and
 alpha images are converted to RGB; images that are not 112x112 get the training set's
-geometry, `data_tools.face.fit` (shorter side resized to 112, centre-cropped: what
-`arcshard-data build` does to the training images, so a deployed model sees faces shaped
-as in training and in verification). Images should be aligned face crops: resizing does
-not align a face.
+geometry, `data_tools.face.fit` with the `fit` given (crop, squash or pad: what
+`arcshard-data build --fit` does to the training images, so a deployed model sees faces
+shaped as in training and in verification; `deploy.fit` finds the model's). Images
+should be aligned face crops: resizing does not align a face.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_tools.face import fit
+from data_tools import face
+from data_tools.face import check_fit
 
 __all__ = ["UnreadableImage", "expand_paths", "image_extensions", "load_face", "read_list"]
 
@@ -56,8 +57,10 @@ def read_list(list_file: str | os.PathLike[str]) -> list[Path]:
     return [Path(line.strip()) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-def load_face(path: str | os.PathLike[str]) -> np.ndarray:
-    """One image file as RGB uint8 `[112, 112, 3]`; `UnreadableImage` says why not."""
+def load_face(path: str | os.PathLike[str], fit: str = "crop") -> np.ndarray:
+    """One image file as RGB uint8 `[112, 112, 3]`, made square by `fit` (one of
+    `data_tools.face.FIT_MODES`); `UnreadableImage` says why not."""
+    check_fit(fit)
     try:
         with Image.open(path) as image:
             image.load()
@@ -71,4 +74,4 @@ def load_face(path: str | os.PathLike[str]) -> np.ndarray:
     except Exception as exc:  # Pillow raises many types for bad data (OSError, SyntaxError, ...)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnreadableImage(f"{path}: not a readable image ({reason})") from None
-    return fit(np.asarray(rgb, dtype=np.uint8))
+    return face.fit(np.asarray(rgb, dtype=np.uint8), face.INPUT_SIZE, fit)

@@ -3,7 +3,9 @@
 It lies beside the model with the same stem (`model.onnx` -> `model.json`) and holds:
 
 * `input` / `output`: tensor names, dtype, shape (`"N"` is the batch axis), layout,
-  colour order and the pixel normalisation `(pixel - 127.5) / 127.5`;
+  colour order, the pixel normalisation `(pixel - 127.5) / 127.5` and `input.fit`, how
+  a photo that is not 112x112 is made square (crop, squash or pad: the training set's,
+  `deploy.fit`);
 * `backbone`, `embedding_size`, `precision`, `opset`, `batch`;
 * `training`: sha256 of the run's resolved config YAML (`Config.to_yaml()`), run name,
   the training step of the exported weights when known, and the verification accuracy
@@ -185,8 +187,10 @@ def write_card(
     input_size: int,
     parity: list[dict[str, Any]],
     cosine_bound: float,
+    fit: str = "crop",
 ) -> Path:
-    """Write `card_path(model_path)` atomically; returns its path."""
+    """Write `card_path(model_path)` atomically; returns its path. `fit`: the geometry of
+    the training set (`deploy.fit.model_fit`)."""
     target = provenance.threshold_target
     verified = provenance.verification.get(target or "", {})
     if "best_threshold" in verified:
@@ -214,6 +218,7 @@ def write_card(
             "normalisation": "(pixel - 127.5) / 127.5",
             "mean": 127.5,
             "std": 127.5,
+            "fit": fit,
         },
         "output": {
             "name": output_name,

@@ -8,8 +8,14 @@ names the full key and what is allowed, e.g. `optim.lr: must be > 0, got -0.1`.
 Types are checked against the dataclass field annotations: an int is accepted (and
 converted) where a float is expected, a bool is never accepted as a number, `X | None`
 also accepts null, `Literal[...]` lists the allowed values and `list[str]` needs a list of
-strings. Numeric ranges are declared next to each field (`_bounded`); the few checks that
-involve more than one field live in `_check_consistency`.
+strings. Numeric ranges are declared next to each field (`_bounded`, `_range` for a
+`[low, high]` interval); the few checks that involve more than one field live in
+`_check_consistency`.
+
+A key can itself be a group of keys (a nested dataclass: `data.augment`): YAML `data:
+{augment: {brightness: 0.2}}`, override `data.augment.brightness=0.2` (merged with the
+group's other keys) or `data.augment={brightness: 0.2}` (the whole group); its keys are
+checked by name and type like a section's.
 
 YAML is read with `yaml.SafeLoader` plus two fixes: `1e-3` is a float (PyYAML would read
 the string '1e-3') and a key repeated in one mapping is an error instead of silently
@@ -26,7 +32,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -37,6 +43,7 @@ from data_tools.atomic import write_atomic
 from data_tools.face import INPUT_SIZE
 
 __all__ = [
+    "AugmentConfig",
     "BackboneConfig",
     "CheckpointConfig",
     "Config",
@@ -94,6 +101,11 @@ def _bounded(default: float, **bounds: float) -> Any:
     return field(default=default, metadata={"bounds": _Bounds(**bounds)})
 
 
+def _range(low: float, high: float, **bounds: float) -> Any:
+    """A dataclass field holding a `[low, high]` interval (low <= high) inside `_Bounds(**bounds)`."""
+    return field(default_factory=lambda: [low, high], metadata={"bounds": _Bounds(**bounds), "range": True})
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "output/run"
@@ -127,6 +139,9 @@ class BackboneConfig:
     # blocks: recompute each residual / transformer block in backward instead of saving
     # its activations (torch.utils.checkpoint, non-reentrant): less memory, ~1/3 more compute
     activation_checkpointing: Literal["none", "blocks"] = "none"
+    # >0: keep an exponential moving average of the backbone (trainer/ema.py); evaluation,
+    # `best`, export and embedding use it by default (--raw-weights: the trained weights)
+    ema_decay: float = _bounded(0.0, ge=0, lt=1)
 
 
 @dataclass
@@ -190,6 +205,35 @@ class OptimConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation of RecordIO data, `data.augment.KEY` (YAML `data: {augment:
+    {KEY: value}}`). Only the flip is on by default; every other operation is off until its
+    strength or probability is > 0. Each operation's distributions and order: trainer/data/augment.py."""
+
+    flip: bool = True  # horizontal mirror with probability 0.5
+    crop: float = _bounded(0.0, ge=0, le=1)  # probability of a random resized crop (back to 112x112)
+    # (a `_range` is a field with a default_factory: each config gets its own list)
+    crop_area: list[float] = _range(0.8, 1.0, gt=0, le=1)  # noqa: RUF009  # crop's area fraction, uniform
+    crop_aspect: list[float] = _range(3 / 4, 4 / 3, gt=0)  # noqa: RUF009  # crop's width/height, log-uniform
+    brightness: float = _bounded(0.0, ge=0, le=1)  # factor uniform in [1 - b, 1 + b]
+    contrast: float = _bounded(0.0, ge=0, le=1)  # factor uniform in [1 - c, 1 + c], about the mean grey
+    saturation: float = _bounded(0.0, ge=0, le=1)  # factor uniform in [1 - s, 1 + s], about each pixel's grey
+    grayscale: float = _bounded(0.0, ge=0, le=1)  # probability of a grey image
+    blur: float = _bounded(0.0, ge=0, le=1)  # probability of a Gaussian blur
+    blur_sigma: list[float] = _range(0.1, 2.0, gt=0, le=10)  # noqa: RUF009  # pixels, uniform
+    erase: float = _bounded(0.0, ge=0, le=1)  # probability of erasing a box (filled with grey 128)
+    erase_area: list[float] = _range(0.02, 0.2, gt=0, le=1)  # noqa: RUF009  # box's area fraction, uniform
+    erase_aspect: list[float] = _range(0.3, 3.3, gt=0)  # noqa: RUF009  # box's width/height, log-uniform
+
+
+# The data.augment keys that only shape an operation, and the key that switches it on.
+AUGMENT_SWITCHES = {
+    "crop_area": "crop", "crop_aspect": "crop", "blur_sigma": "blur",
+    "erase_area": "erase", "erase_aspect": "erase",
+}
+
+
+@dataclass
 class DataConfig:
     source: Literal["synthetic", "recordio"] = "synthetic"
     path: str | None = None  # dataset directory; required (and must exist) for recordio
@@ -201,6 +245,7 @@ class DataConfig:
     image_size: int = 112  # side of the square input faces; the backbones need 112
     synthetic_mode: Literal["identities", "noise"] = "identities"
     loader: Literal["auto", "dali", "torch"] = "auto"  # recordio; auto: DALI when installed
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # recordio only
 
 
 @dataclass
@@ -307,12 +352,25 @@ def _describe(value: Any) -> str:
     return "null" if value is None else f"{type(value).__name__} {value!r}"
 
 
-def _check_key(section: str, key: str | None = None) -> None:
+def _check_key(section: str, key: str | None = None, sub: str | None = None) -> None:
+    """`section`, `section.key` or (a key that is itself a group, e.g. data.augment)
+    `section.key.sub` names a config entry; ConfigError listing the allowed names otherwise."""
     if section not in _SECTIONS:
         raise ConfigError(f"unknown section {section!r} (allowed: {', '.join(_SECTIONS)})")
     if key is not None and key not in _FIELD_TYPES[section]:
         allowed = ", ".join(_FIELD_TYPES[section])
         raise ConfigError(f"unknown key '{section}.{key}' (allowed in {section}: {allowed})")
+    if sub is not None:
+        group = _FIELD_TYPES[section][key]
+        if not is_dataclass(group):
+            raise ConfigError(f"'{section}.{key}' has no keys of its own; use {section}.{key}=value")
+        _check_group_key(f"{section}.{key}", group, sub)
+
+
+def _check_group_key(name: str, group: type, key: str) -> None:
+    allowed = get_type_hints(group)
+    if key not in allowed:
+        raise ConfigError(f"unknown key '{name}.{key}' (allowed in {name}: {', '.join(allowed)})")
 
 
 def _read_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -347,18 +405,36 @@ def _read_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
 def _apply_override(sections: dict[str, dict[str, Any]], override: str) -> None:
     key, sep, text = override.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2:
-        raise ConfigError(f"override {override!r}: expected section.key=value, e.g. optim.lr=0.05")
+    if not sep or len(parts) not in (2, 3):
+        raise ConfigError(
+            f"override {override!r}: expected section.key=value, e.g. optim.lr=0.05 "
+            "(or data.augment.key=value)"
+        )
     try:
         _check_key(*parts)
         value = _parse_yaml(text)
     except ConfigError as e:
         raise ConfigError(f"override {override!r}: {e}") from None
-    sections.setdefault(parts[0], {})[parts[1]] = value
+    target = sections.setdefault(parts[0], {})
+    if len(parts) == 3:  # one key of a group: merged into the group's other keys
+        group = target.get(parts[1])
+        target[parts[1]] = dict(group) if isinstance(group, dict) else {}
+        target = target[parts[1]]
+    target[parts[-1]] = value
 
 
 def _type_name(tp: Any) -> str:
+    if is_dataclass(tp):
+        return "a mapping of keys"
     return f"list of {_type_name(get_args(tp)[0])}" if get_origin(tp) is list else tp.__name__
+
+
+def _group(key: str, values: dict[str, Any], cls: type) -> Any:
+    """`cls(**values)` with every value checked against its annotation; ConfigError names `key.name`."""
+    types = get_type_hints(cls)
+    for name in values:
+        _check_group_key(key, cls, str(name))
+    return cls(**{name: _coerce(f"{key}.{name}", v, types[name]) for name, v in values.items()})
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -372,7 +448,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value in get_args(tp):
             return value
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(get_args(tp))}")
-    if get_origin(tp) is list:
+    if is_dataclass(tp):
+        if isinstance(value, dict):
+            return _group(key, value, tp)
+    elif get_origin(tp) is list:
         if isinstance(value, list):
             return [_coerce(f"{key}[{i}]", item, get_args(tp)[0]) for i, item in enumerate(value)]
     elif tp is float:
@@ -387,12 +466,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _build(sections: dict[str, dict[str, Any]]) -> Config:
-    built = {}
-    for name, cls in _SECTIONS.items():
-        types = _FIELD_TYPES[name]
-        values = sections.get(name, {})
-        built[name] = cls(**{key: _coerce(f"{name}.{key}", v, types[key]) for key, v in values.items()})
-    return Config(**built)
+    return Config(**{name: _group(name, sections.get(name, {}), cls) for name, cls in _SECTIONS.items()})
 
 
 def _require_path(key: str, path: str) -> None:
@@ -402,12 +476,23 @@ def _require_path(key: str, path: str) -> None:
 
 def _check_bounds(cfg: Config) -> None:
     for name in _SECTIONS:
-        section = getattr(cfg, name)
-        for f in fields(section):
-            bounds = f.metadata.get("bounds")
-            value = getattr(section, f.name)
-            if bounds is not None and value is not None and value not in bounds:
-                raise ConfigError(f"{name}.{f.name}: must be {bounds}, got {value}")
+        _check_group_bounds(name, getattr(cfg, name))
+
+
+def _check_group_bounds(name: str, group: Any) -> None:
+    """Every field of `group` (a section or a group of keys in one) inside its `_bounded`/`_range`."""
+    for f in fields(group):
+        key, value, bounds = f"{name}.{f.name}", getattr(group, f.name), f.metadata.get("bounds")
+        if is_dataclass(value):
+            _check_group_bounds(key, value)
+        elif f.metadata.get("range"):
+            if len(value) != 2 or value[0] > value[1]:
+                raise ConfigError(f"{key}: must be [low, high] with low <= high, got {value}")
+            for end in value:
+                if end not in bounds:
+                    raise ConfigError(f"{key}: both ends must be {bounds}, got {value}")
+        elif bounds is not None and value is not None and value not in bounds:
+            raise ConfigError(f"{key}: must be {bounds}, got {value}")
 
 
 def _check_margin(margin: MarginConfig) -> None:
@@ -418,6 +503,27 @@ def _check_margin(margin: MarginConfig) -> None:
             raise ConfigError(
                 f"margin.{f.name}: does not apply to margin.type {margin.type} (it reads "
                 f"{', '.join(used)}); remove it or choose another margin.type"
+            )
+
+
+def _check_augment(data: DataConfig) -> None:
+    """Refuse a data.augment key that would be silently ignored: any, on the synthetic source
+    (it draws its own flips and jitter), or one shaping an operation that is off."""
+    defaults = AugmentConfig()
+    for f in fields(data.augment):
+        value = getattr(data.augment, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        if data.source != "recordio":
+            raise ConfigError(
+                f"data.augment.{f.name}: applies to data.source=recordio only (the synthetic source "
+                "draws its own flips and jitter); remove it"
+            )
+        switch = AUGMENT_SWITCHES.get(f.name)
+        if switch is not None and getattr(data.augment, switch) == 0:
+            raise ConfigError(
+                f"data.augment.{f.name}: has no effect while data.augment.{switch} is 0; "
+                f"set data.augment.{switch} > 0 or remove it"
             )
 
 
@@ -449,6 +555,7 @@ def _check_consistency(cfg: Config) -> None:
             f"{cfg.backbone.name}; set it to null"
         )
     _check_margin(cfg.margin)
+    _check_augment(cfg.data)
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr: must be <= optim.lr ({cfg.optim.lr}), got {cfg.optim.min_lr}")
     if cfg.data.source == "synthetic" and cfg.data.num_classes is None:

@@ -23,6 +23,9 @@ all ranks); `run.max_nonfinite` of them in a row stop the run with exit code 3. 
 fp16 a non-finite gradient at a finite loss is the loss scale overflowing: the update is
 skipped and the GradScaler lowers its scale, as `GradScaler.step` would, uncounted.
 
+With `backbone.ema_decay` > 0 an applied step also updates the backbone's average
+(`trainer.ema`: device-side foreach ops, no host read); a skipped step does not.
+
 `train` is the loop: batches, the step, then the components that keep their own time
 (telemetry, evaluation, checkpointing), each told only the step.
 """
@@ -129,6 +132,8 @@ def train_step(run: Run, micro_batches: list[Batch], step: int, stop_requested: 
     applied = loss_ok and grad_ok
     if applied:
         run.optimizer.step(step - 1, scaler)
+        if run.ema is not None:  # the backbone's average: applied steps only, no host read
+            run.ema.update()
     elif scaler is not None:
         scaler.update()  # after unscale_: lowers the scale on overflow, re-arms unscale_
     run.optimizer.zero_grad()
@@ -188,6 +193,8 @@ def train(
     )
     run.backbone.train()
     run.pfc.train()
+    if run.ema is not None and state.step == 0:
+        run.ema.reset()  # a new run's average starts from its first weights (backbone.init's too)
     _log_start(run, state)
     try:
         with Preemption() as preemption:
@@ -223,3 +230,7 @@ def _log_start(run: Run, state: TrainState) -> None:
         cfg.data.batch_size * run.ctx.world_size * cfg.optim.grad_accum_steps,
         run.ctx.world_size, pfc.num_classes, pfc.num_local, pfc.num_sample,
     )
+    if run.ema is not None:
+        log.info("backbone EMA: decay %g after a warm-up, %d updates so far; evaluation, best, "
+                 "export and embedding use it (--raw-weights: the trained weights)",
+                 run.ema.decay, run.ema.updates)

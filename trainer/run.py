@@ -20,6 +20,9 @@ why (docs/performance.md has the measurements):
 * `backbone.compile`: `nn.Module.compile()` compiles the backbone's forward in place, so
   state_dict keys, checkpoints and ONNX export are those of the eager module; the
   classifier stays eager (its collectives and sparse update are not compiled).
+* `backbone.ema_decay` > 0: `trainer.ema.BackboneEMA`, an averaged copy of the backbone
+  made from the eager module before it is compiled or wrapped (so its state_dict keys are
+  the backbone's and it is evaluated, saved and exported like it); `train_step` updates it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from trainer.checkpoint import TrainingParts
 from trainer.config import Config, ConfigError
 from trainer.data.source import BatchSource, build_source
 from trainer.dist import DistContext
+from trainer.ema import BackboneEMA
 from trainer.evaluation.evaluator import load_eval_sets
 from trainer.margins import build_margin
 from trainer.optim import (
@@ -101,6 +105,7 @@ class Run:
     total_steps: int
     eval_sets: list[VerificationSet]
     flags: StepFlags
+    ema: BackboneEMA | None = None  # backbone.ema_decay > 0
 
     @property
     def module(self) -> nn.Module:
@@ -111,7 +116,8 @@ class Run:
     def parts(self) -> TrainingParts:
         """What a checkpoint saves and restores."""
         return TrainingParts(
-            self.module, self.pfc, self.optimizer.shard, self.optimizer.backbone, self.scaler, self.cfg
+            self.module, self.pfc, self.optimizer.shard, self.optimizer.backbone, self.scaler, self.cfg,
+            self.ema,
         )
 
 
@@ -130,13 +136,16 @@ def _total_steps(cfg: Config, source: BatchSource) -> int:
     return cfg.run.max_steps or cfg.run.epochs * optimizer_steps
 
 
-def _backbone(cfg: Config, device: torch.device) -> DistributedDataParallel:
+def _backbone(cfg: Config, device: torch.device) -> tuple[DistributedDataParallel, BackboneEMA | None]:
+    """The DDP-wrapped backbone and its average (None when backbone.ema_decay is 0),
+    copied from the eager module before compile and DDP touch it."""
     backbone = get_backbone(
         cfg.backbone.name, embedding_size=cfg.backbone.embedding_size, dropout=cfg.backbone.dropout,
         **backbone_options(cfg.backbone),
     ).to(device)
     if cfg.backbone.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
+    ema = BackboneEMA(backbone, cfg.backbone.ema_decay) if cfg.backbone.ema_decay > 0 else None
     if cfg.backbone.compile:
         backbone.compile()
     ddp = DistributedDataParallel(
@@ -144,7 +153,7 @@ def _backbone(cfg: Config, device: torch.device) -> DistributedDataParallel:
         gradient_as_bucket_view=True,  # buffers broadcast every forward: DDP's default
     )
     ddp.register_comm_hook(None, _sum_allreduce_hook)
-    return ddp
+    return ddp, ema
 
 
 def _decay(part: float | None, o) -> float:
@@ -164,7 +173,7 @@ def build(cfg: Config, ctx: DistContext, first_epoch: int = 0) -> Run:
         log.info("memory plan (per rank; arcshard-plan prints the same):\n%s", plan.table())
     check_fits(plan)  # the same verdict on every rank: a ConfigError with the numbers
     total_steps = _total_steps(cfg, source)
-    ddp = _backbone(cfg, device)
+    ddp, ema = _backbone(cfg, device)
     margin = build_margin(cfg.margin)
     # On GPU the per-step input check would cost a host sync; labels from our sources
     # are in range (synthetic by construction, recordio checked by the loaders on the
@@ -188,5 +197,5 @@ def build(cfg: Config, ctx: DistContext, first_epoch: int = 0) -> Run:
     eval_sets = load_eval_sets(cfg)
     return Run(
         cfg, ctx, ddp, pfc, optimizer, scaler, amp_dtype, source, total_steps, eval_sets,
-        StepFlags(device),
+        StepFlags(device), ema,
     )

@@ -181,6 +181,8 @@ def test_interrupted_build_resumes_to_identical_bytes(tmp_path, monkeypatch, cap
     assert "--resume" in capsys.readouterr().err
     assert _build(src, out, *args, "--resume", "--seed", "5") == 2
     assert "other inputs or options" in capsys.readouterr().err
+    assert _build(src, out, *args, "--resume", "--fit", "pad") == 2  # other geometry: not these shards
+    assert "other inputs or options" in capsys.readouterr().err
     assert _build(src, out, *args, "--resume") == 0
     assert _files(out) == _files(tmp_path / "whole")
     assert not partial.exists()

@@ -44,9 +44,10 @@ def test_fit_crops_the_shorter_side_and_keeps_square_faces():
     assert np.abs(out.astype(int) - centre).max() <= 1
 
 
+@pytest.mark.parametrize("mode", face.FIT_MODES)
 @pytest.mark.parametrize("size", [(300, 150), (130, 170)])
-def test_build_and_embedder_give_the_same_pixels_for_a_non_square_photo(tmp_path, monkeypatch, size):
-    """`arcshard-data build` and the embedder behind arcshard-eval/-embed shape a face alike."""
+def test_build_and_embedder_give_the_same_pixels_for_a_non_square_photo(tmp_path, monkeypatch, size, mode):
+    """`arcshard-data build --fit` and the embedder behind arcshard-eval/-embed shape a face alike."""
     photo = _photo(*size)
     path = tmp_path / "src" / "person" / "photo.png"
     path.parent.mkdir(parents=True)
@@ -54,12 +55,23 @@ def test_build_and_embedder_give_the_same_pixels_for_a_non_square_photo(tmp_path
     built: list[np.ndarray] = []
     encode = simplejpeg.encode_jpeg
     monkeypatch.setattr(simplejpeg, "encode_jpeg", lambda pixels, **kw: built.append(pixels.copy()) or encode(pixels, **kw))
-    assert main(["build", str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1", "--quiet"]) == 0
+    argv = ["build", str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1", "--quiet", "--fit", mode]
+    assert main(argv) == 0
     assert len(built) == 1 and built[0].shape == (112, 112, 3)
 
-    served = load_face(path)  # arcshard-embed / arcshard-export's parity images
+    served = load_face(path, mode)  # arcshard-embed / arcshard-export's parity images
     np.testing.assert_array_equal(served, built[0])
     expected = face.normalise(built[0].transpose(2, 0, 1))
-    np.testing.assert_array_equal(preprocess(photo[None])[0], expected)  # arcshard-eval's preprocess
-    squashed = np.asarray(Image.fromarray(photo).resize((112, 112), Image.Resampling.BILINEAR))
-    assert np.abs(squashed.astype(int) - built[0]).max() > 20  # the old serving geometry differed
+    np.testing.assert_array_equal(preprocess(photo[None], mode)[0], expected)  # arcshard-eval's preprocess
+    for other in face.FIT_MODES:
+        if other != mode:  # another --fit would have served other pixels
+            assert np.abs(load_face(path, other).astype(int) - built[0]).max() > 20
+
+
+def test_serving_refuses_an_unknown_fit(tmp_path):
+    path = tmp_path / "face.png"
+    Image.fromarray(_photo(112, 112)).save(path)
+    with pytest.raises(ValueError, match="fit 'zoom': not one of crop, squash, pad"):
+        load_face(path, "zoom")
+    with pytest.raises(ValueError, match="fit 'zoom': not one of crop, squash, pad"):
+        preprocess(_photo(112, 112)[None], "zoom")

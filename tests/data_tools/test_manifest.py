@@ -59,6 +59,8 @@ def _edit(tmp_path, change) -> None:
     (lambda d: d["shards"][0].pop("rec_sha256"), "malformed manifest"),
     (lambda d: d.update(image_size=[112]), "malformed manifest"),
     (lambda d: d.update(num_classes="2"), "malformed manifest"),
+    (lambda d: d.update(fit="zoom"), "fit 'zoom' is not one of crop, squash, pad"),
+    (lambda d: d.update(fit=None), "fit None is not one of crop, squash, pad"),
 ])
 def test_load_errors(tmp_path, change, message):
     _dataset(tmp_path)
@@ -77,6 +79,15 @@ def test_load_errors_unparsable(tmp_path, text, message):
     with pytest.raises(ValueError, match="manifest.json: ") as err:
         load_manifest(tmp_path)
     assert message in str(err.value)
+
+
+def test_a_manifest_from_before_fit_means_crop(tmp_path):
+    m = _dataset(tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["fit"] == "crop"
+    _edit(tmp_path, lambda d: d.pop("fit"))
+    assert load_manifest(tmp_path) == m and m.fit == "crop"
+    _edit(tmp_path, lambda d: d.update(fit="pad"))
+    assert load_manifest(tmp_path).fit == "pad"
 
 
 def test_missing_manifest(tmp_path):

@@ -168,7 +168,7 @@ def mbf_trained(mbf_run, calibration_batch, tmp_path_factory) -> Path:
     """The trained MobileFaceNet with BatchNorm statistics re-estimated, as a finished run."""
     from trainer.checkpoint import load_backbone
 
-    module, _ = load_backbone(mbf_run)
+    module = load_backbone(mbf_run).module
     for layer in module.modules():
         if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
             layer.reset_running_stats()

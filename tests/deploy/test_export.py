@@ -87,7 +87,7 @@ def test_mobilefacenet_export_prints_parity_and_writes_card(mbf_export):
     assert result.code == 0, result.err
     print(result.out)
     lines = result.out.splitlines()
-    assert lines[0] == f"loaded mobilefacenet (512-d) from {mbf_export.source} at step 2"
+    assert lines[0] == f"loaded mobilefacenet (512-d) from {mbf_export.source} at step 2, raw weights"
     parity_lines = [line for line in lines if line.startswith("parity on")]
     assert len(parity_lines) == (2 if YALEFACES.is_dir() else 1)
     assert all("max abs diff" in line and "min cosine" in line for line in parity_lines)

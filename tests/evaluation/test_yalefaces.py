@@ -61,7 +61,7 @@ def test_trained_backbone_beats_untrained_on_held_out_people(tmp_path: Path):
 
     heldout = load_bin(tmp_path / "heldout.bin")
     assert heldout.num_pairs == 500 and len(heldout.images) == 53  # 5 people, 10-11 photos each
-    trained, cfg = load_backbone(out)
+    trained, cfg, _weights = load_backbone(out)
     torch.manual_seed(cfg.run.seed)  # the initialisation training started from
     untrained = get_backbone(cfg.backbone.name, embedding_size=cfg.backbone.embedding_size)
     before = evaluate_targets(untrained, [heldout], "cpu", batch_size=64, flip=False)["heldout"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import (
+    AugmentConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -247,3 +248,50 @@ def test_file_errors_name_the_file(tmp_path, text, expected):
 def test_missing_file_is_named(tmp_path):
     path = tmp_path / "missing.yaml"
     assert config_error(path) == f"{path}: cannot read config file: No such file or directory"
+
+
+def test_augment_group_from_yaml_and_overrides_round_trips(tmp_path):
+    path = write(tmp_path / "c.yaml", f"data:\n  source: recordio\n  path: {tmp_path}\n"
+                 "  augment:\n    brightness: 0.2\n    crop: 1\n    crop_area: [0.5, 1]\n")
+    cfg = load_config(path, ["data.augment.erase=0.25", "data.augment.crop_aspect=[1, 1]"])
+    augment = cfg.data.augment
+    assert (augment.brightness, augment.crop, augment.crop_area, augment.erase) == (0.2, 1.0, [0.5, 1.0], 0.25)
+    assert augment.crop_aspect == [1.0, 1.0] and augment.flip and augment.contrast == 0  # the rest: defaults
+    replaced = load_config(path, ["data.augment={contrast: 0.1}"]).data.augment  # the whole group
+    assert replaced.contrast == 0.1 and replaced.brightness == 0
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    assert load_config(None).data.augment == AugmentConfig()  # flip only
+
+
+AUGMENT_ERRORS = [
+    (["data.augment.brightnes=0.2"], ("override 'data.augment.brightnes=0.2': unknown key "
+                                       "'data.augment.brightnes' (allowed in data.augment: flip, crop, ")),
+    (["data.batch_size.x=1"], "override 'data.batch_size.x=1': 'data.batch_size' has no keys of its own"),
+    (["data.augment.a.b=1"], "override 'data.augment.a.b=1': expected section.key=value"),
+    (["data.augment=3"], "data.augment: expected a mapping of keys, got int 3"),
+    (["data.augment.brightness=1.5"], "data.augment.brightness: must be in [0, 1], got 1.5"),
+    (["data.augment.crop=1", "data.augment.crop_area=0.5"], "data.augment.crop_area: expected list of float"),
+    (["data.augment.crop=1", "data.augment.crop_area=[1, 0.5]"],
+     "data.augment.crop_area: must be [low, high] with low <= high, got [1.0, 0.5]"),
+    (["data.augment.blur=1", "data.augment.blur_sigma=[1]"], "data.augment.blur_sigma: must be [low, high]"),
+    (["data.augment.crop=1", "data.augment.crop_area=[0, 1]"],
+     "data.augment.crop_area: both ends must be in (0, 1], got [0.0, 1.0]"),
+    (["data.augment.erase_area=[0.1, 0.3]"],
+     "data.augment.erase_area: has no effect while data.augment.erase is 0; set data.augment.erase > 0"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", AUGMENT_ERRORS, ids=[e[0][-1] for e in AUGMENT_ERRORS])
+def test_invalid_augment_key(tmp_path, overrides, expected):
+    assert config_error(None, ["data.source=recordio", f"data.path={tmp_path}", *overrides]).startswith(expected)
+
+
+def test_augment_file_keys_are_checked_by_name(tmp_path):
+    path = write(tmp_path / "c.yaml", "data:\n  augment:\n    blurr: 0.5\n")
+    assert config_error(path).startswith("unknown key 'data.augment.blurr' (allowed in data.augment: flip, ")
+
+
+def test_augment_is_refused_on_the_synthetic_source():
+    assert config_error(None, ["data.augment.flip=false"]).startswith(
+        "data.augment.flip: applies to data.source=recordio only")

@@ -6,7 +6,8 @@ Layout (`run.output_dir/checkpoints/`)::
     best                        text: the one with the best verification accuracy (if any)
     step-000001234/
         replicated.pt           backbone, backbone optimizer, AMP scaler, training position,
-                                PartialFC sampling position (written once, by rank 0)
+                                PartialFC sampling position, the backbone's EMA when
+                                backbone.ema_decay > 0 (written once, by rank 0)
         config.yaml             the run's resolved config
         rng/rank00003.pt        each rank's RNG states
         classifier/weight.0000000000-0000500000.bin    raw row-major rows [start, end) of
@@ -31,7 +32,7 @@ Modules: `layout` (paths, pointers, pruning), `rowfiles` (raw row files), `files
 `backbone` (the inference loader evaluation and deploy share).
 """
 
-from trainer.checkpoint.backbone import load_backbone
+from trainer.checkpoint.backbone import WEIGHTS, TrainedBackbone, load_backbone
 from trainer.checkpoint.checkpointer import Checkpointer, resume_point
 from trainer.checkpoint.layout import (
     BEST, CHECKPOINTS_DIR, COMPLETE, CONFIG, FORMAT, FORMAT_VERSION, INDEX, LATEST, REPLICATED,
@@ -48,8 +49,8 @@ from trainer.state import TrainState
 
 __all__ = [
     "BEST", "BLOCK_ROWS", "CHECKPOINTS_DIR", "COMPLETE", "CONFIG", "FORMAT", "FORMAT_VERSION",
-    "INDEX", "LATEST", "REPLICATED", "SHAPE_KEYS", "CheckpointError", "Checkpointer",
-    "TrainState", "TrainingParts", "checkpoints_root", "complete_checkpoints", "config_changes",
+    "INDEX", "LATEST", "REPLICATED", "SHAPE_KEYS", "WEIGHTS", "CheckpointError", "Checkpointer",
+    "TrainState", "TrainedBackbone", "TrainingParts", "checkpoints_root", "complete_checkpoints", "config_changes",
     "find_latest", "is_complete", "load", "load_backbone", "mark_best", "prune", "read_config",
     "read_index", "read_replicated", "remove_incomplete", "resolve", "resume_point", "save",
     "step_dir_name", "verify_all",

@@ -6,12 +6,20 @@ It reads a checkpoint's replicated state (never the classifier) or the `backbone
 arcshard `backbone.pt`) come with no config: `load_weights` builds the named backbone,
 `check_weights` refuses a file that does not fit it naming the first mismatching tensor
 and what the file looks like (`describe_weights`); `backbone.init` uses the same two.
+
+Which weights (`WEIGHTS`): a checkpoint of a run with `backbone.ema_decay` > 0 holds the
+trained backbone and its average (trainer/ema.py). "ema", the default everywhere trained
+weights are consumed, takes the average when the checkpoint has one (else the trained
+weights); "raw" (the CLIs' `--raw-weights`) the trained weights. The loader says which it
+took (`TrainedBackbone.weights`, and a log line).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -21,16 +29,41 @@ from trainer.checkpoint.layout import REPLICATED, CheckpointError, resolve
 from trainer.checkpoint.loading import read_config, read_index, read_replicated, state_dict_problem
 from trainer.config import Config, ConfigError, load_config
 
+log = logging.getLogger("trainer.checkpoint")
+
 FINAL_WEIGHTS = "backbone.pt"
 FINAL_CONFIG = "config.yaml"
+WEIGHTS = ("ema", "raw")
+
+
+class TrainedBackbone(NamedTuple):
+    module: nn.Module  # eval mode
+    config: Config  # the run's
+    weights: str  # which weights `module` holds: "ema" (the average) or "raw" (the trained ones)
+
+
+def checkpoint_weights(replicated: dict[str, Any], weights: str, where: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The backbone state_dict of a checkpoint's replicated state (read from `where`) for
+    `weights` ("ema": the average when there is one, else the trained weights; "raw": the
+    trained weights), and which of the two it is."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
+    ema = replicated.get("backbone_ema")
+    if weights == "raw" or ema is None:
+        return replicated["backbone"], "raw"
+    if not isinstance(ema, dict) or not isinstance(ema.get("weights"), dict):
+        raise CheckpointError(f"{where}: backbone_ema is not a state_dict; the file is damaged")
+    return ema["weights"], "ema"
 
 
 def load_backbone(
-    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", verify: bool = True
-) -> tuple[nn.Module, Config]:
-    """The trained backbone (eval mode) and the run's config, from a run output dir (its
-    latest checkpoint, else the `backbone.pt` + `config.yaml` a finished run leaves) or a
-    checkpoint directory. Reads only the replicated state, never the classifier."""
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", verify: bool = True,
+    weights: str = "ema",
+) -> TrainedBackbone:
+    """The trained backbone (eval mode), the run's config and which weights (`WEIGHTS`:
+    "ema" takes the average when the checkpoint has one), from a run output dir (its latest
+    checkpoint, else the `backbone.pt` + `config.yaml` a finished run leaves: its trained
+    weights) or a checkpoint directory. Reads only the replicated state, never the classifier."""
     path = Path(path)
     try:
         ckpt = resolve(path)
@@ -40,7 +73,9 @@ def load_backbone(
         raise
     index = read_index(ckpt)
     cfg = read_config(ckpt, index, verify)
-    state = read_replicated(ckpt, index, verify)["backbone"]
+    state, used = checkpoint_weights(read_replicated(ckpt, index, verify), weights, ckpt / REPLICATED)
+    log.info("%s: %s backbone weights%s", ckpt, used,
+             " (the checkpoint has no EMA)" if used != weights else "")
     module = _model(cfg)
     try:
         module.load_state_dict(state)
@@ -49,7 +84,7 @@ def load_backbone(
             f"{ckpt / REPLICATED}: does not fit {cfg.backbone.name} with embedding size "
             f"{cfg.backbone.embedding_size} (its config.yaml): {state_dict_problem(e)}"
         ) from None
-    return module.to(map_location).eval(), cfg
+    return TrainedBackbone(module.to(map_location).eval(), cfg, used)
 
 
 def _model(cfg: Config) -> nn.Module:
@@ -58,7 +93,7 @@ def _model(cfg: Config) -> nn.Module:
     return get_backbone(cfg.backbone.name, embedding_size=cfg.backbone.embedding_size)
 
 
-def _load_final_backbone(run_dir: Path, map_location: str | torch.device) -> tuple[nn.Module, Config]:
+def _load_final_backbone(run_dir: Path, map_location: str | torch.device) -> TrainedBackbone:
     weights, config = run_dir / FINAL_WEIGHTS, run_dir / FINAL_CONFIG
     try:
         cfg = load_config(config)
@@ -74,7 +109,8 @@ def _load_final_backbone(run_dir: Path, map_location: str | torch.device) -> tup
             f"{cfg.backbone.embedding_size} ({config}): {state_dict_problem(e)}; the weights "
             f"and {FINAL_CONFIG} must come from the same run"
         ) from None
-    return module.to(map_location).eval(), cfg
+    log.info("%s: raw backbone weights (a finished run's final weights)", weights)
+    return TrainedBackbone(module.to(map_location).eval(), cfg, "raw")
 
 
 # Blocks per stage -> our iresnet name, to say what a file of unknown origin holds.
@@ -117,11 +153,12 @@ def first_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Ten
     return f"{extra[0]} is in the file but not in the model" if extra else None
 
 
-def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def read_weights(path: str | os.PathLike[str], weights: str = "ema") -> dict[str, torch.Tensor]:
     """A backbone state_dict from an arcface_torch `backbone.pth` / `model.pt` (a bare
     state_dict), its `checkpoint_gpu_{rank}.pt` (`state_dict_backbone`), an arcshard
-    `backbone.pt`, or an arcshard run / checkpoint directory; tensors only (unpickled
-    with weights_only=True). CheckpointError names the file."""
+    `backbone.pt`, or an arcshard run / checkpoint directory (`weights` chooses its EMA or
+    its trained weights, as in `load_backbone`); tensors only (unpickled with
+    weights_only=True). CheckpointError names the file."""
     path = Path(path)
     if path.is_dir():
         try:
@@ -130,7 +167,9 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             if not (path / FINAL_WEIGHTS).is_file():
                 raise
             return read_weights(path / FINAL_WEIGHTS)
-        return read_replicated(ckpt, read_index(ckpt))["backbone"]
+        state, used = checkpoint_weights(read_replicated(ckpt, read_index(ckpt)), weights, ckpt / REPLICATED)
+        log.info("%s: %s backbone weights", ckpt, used)
+        return state
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -165,15 +204,16 @@ def check_weights(
 
 def load_weights(
     path: str | os.PathLike[str], name: str, embedding_size: int | None = None,
-    map_location: str | torch.device = "cpu",
+    map_location: str | torch.device = "cpu", weights: str = "ema",
 ) -> tuple[nn.Module, Config]:
-    """Backbone `name` (eval mode) with the bare weights at `path` (`read_weights`), and
-    a default Config naming it; `embedding_size` None: the file's own."""
+    """Backbone `name` (eval mode) with the bare weights at `path` (`read_weights`, which
+    `weights` is passed to), and a default Config naming it; `embedding_size` None: the
+    file's own."""
     from trainer.backbones import available_backbones, get_backbone
 
     if name not in available_backbones():
         raise CheckpointError(f"--backbone {name}: not one of {', '.join(available_backbones())}")
-    state = read_weights(path)
+    state = read_weights(path, weights)
     size = embedding_size if embedding_size is not None else describe_weights(state)[1] or 512
     check_weights(state, path, name, size)
     module = get_backbone(name, embedding_size=size)

@@ -135,6 +135,7 @@ def _load_local(
         log.info("re-sharding the classifier from %d to %d ranks", index["world_size"], size)
     replicated = read_replicated(ckpt, index, verify)
     _restore_replicated(ckpt, parts, replicated)
+    _restore_ema(ckpt, parts, replicated.get("backbone_ema"), rank)
     _restore_rows(ckpt, index, parts, size, rank, verify)
     pfc.sample_step = int(replicated["partial_fc"]["sample_step"])
     _restore_margin(ckpt, pfc.margin, replicated["partial_fc"].get("margin", {}), rank)
@@ -160,6 +161,30 @@ def _restore_replicated(ckpt: Path, parts: TrainingParts, replicated: dict[str, 
         parts.backbone_optimizer.load_state_dict(replicated["backbone_optimizer"])
     if parts.scaler is not None and replicated["scaler"] is not None:
         parts.scaler.load_state_dict(replicated["scaler"])
+
+
+def _restore_ema(ckpt: Path, parts: TrainingParts, saved: Any, rank: int) -> None:
+    """The backbone's average and its update count (exact resume of the warm-up). A
+    checkpoint without one (backbone.ema_decay was 0, or an older arcshard) starts the
+    average from the weights just loaded; one this run does not keep is left unused."""
+    ema = parts.ema
+    if ema is None:
+        if saved is not None and rank == 0:
+            log.info("%s: has backbone EMA weights; backbone.ema_decay is 0, so this run neither "
+                     "updates nor saves them", ckpt)
+        return
+    if saved is None:
+        ema.reset()
+        if rank == 0:
+            log.info("%s: no backbone EMA weights (saved with backbone.ema_decay=0 or by an older "
+                     "arcshard): the average starts from the loaded weights", ckpt)
+        return
+    try:
+        ema.load_state_dict(saved)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{ckpt / REPLICATED}: backbone EMA does not match this model: {state_dict_problem(e)}"
+        ) from None
 
 
 def _restore_margin(ckpt: Path, margin: torch.nn.Module, saved: dict[str, Tensor], rank: int) -> None:

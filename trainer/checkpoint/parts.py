@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config
+from trainer.ema import BackboneEMA
 from trainer.optim import ShardRowOptimizer
 from trainer.partial_fc import PartialFC
 
@@ -22,3 +23,4 @@ class TrainingParts:
     backbone_optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
     config: Config | None = None
+    ema: BackboneEMA | None = None  # the backbone's average (backbone.ema_decay > 0)

@@ -119,6 +119,9 @@ def _prepare(ckpt: Path, run_id: str | None) -> str:
 
 
 def _replicated_state(parts: TrainingParts, state: TrainState) -> dict[str, Any]:
+    """Rank 0's `replicated.pt`; `backbone_ema` only with an average (backbone.ema_decay > 0:
+    a run without one writes what it always did)."""
+    ema = {"backbone_ema": parts.ema.state_dict()} if parts.ema is not None else {}
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -132,6 +135,7 @@ def _replicated_state(parts: TrainingParts, state: TrainState) -> dict[str, Any]
             "sample_step": parts.pfc.sample_step, "seed": parts.pfc.seed,
             "margin": {k: v.cpu() for k, v in parts.pfc.margin.state_dict().items()},
         },
+        **ema,
     }
 
 
@@ -194,6 +198,8 @@ def _index(
         m = CLASSIFIER_FILE.match(rel)
         if m:
             shards.setdefault(m.group(1), []).append({"file": rel, "start": int(m.group(2)), "end": int(m.group(3))})
+    ema = parts.ema
+    ema_facts = {"backbone_ema": {"decay": ema.decay, "updates": ema.updates}} if ema is not None else {}
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -209,4 +215,5 @@ def _index(
         "train_state": asdict(state),
         "classifier": shards,
         "files": dict(sorted(files.items())),
+        **ema_facts,
     }

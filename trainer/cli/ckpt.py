@@ -3,7 +3,9 @@
     arcshard-ckpt info PATH                    step, world size, classes, sizes, integrity
     arcshard-ckpt verify PATH                  check every file's checksum, and that its .pt
                                                files hold only tensors (exit 1 if damaged)
-    arcshard-ckpt export-backbone PATH OUT.pt  backbone weights only (a state_dict)
+    arcshard-ckpt export-backbone PATH OUT.pt  backbone weights only (a state_dict): the EMA
+                                               when the run kept one, else (or with
+                                               --raw-weights) the trained weights
     arcshard-ckpt import-arcface-torch SRC_DIR OUT_RUN_DIR --num-classes C [--backbone NAME]
                                                an arcface_torch run's checkpoint_gpu_{rank}.pt
                                                files -> a checkpoint that resumes at any world size
@@ -25,9 +27,10 @@ import torch
 from data_tools.atomic import write_atomic_with
 from trainer import exit_codes
 from trainer.checkpoint import (
-    BEST, LATEST, CheckpointError, complete_checkpoints, read_index, read_replicated, resolve,
-    verify_all,
+    BEST, LATEST, REPLICATED, CheckpointError, complete_checkpoints, read_index, read_replicated,
+    resolve, verify_all,
 )
+from trainer.checkpoint.backbone import checkpoint_weights
 from trainer.checkpoint.files import human_size
 from trainer.config import ConfigError
 
@@ -57,6 +60,7 @@ def info(path: Path, check: bool, as_json: bool) -> int:
         "bytes": total,
         "classifier_bytes": classifier,
         "momentum": bool(index["classifier"]["momentum"]),
+        "backbone_ema": index.get("backbone_ema"),  # {"decay", "updates"}; None: no average
         "latest": (root / LATEST).read_text().strip() if (root / LATEST).exists() else None,
         "best": (root / BEST).read_text().strip() if (root / BEST).exists() else None,
         "others": [p.name for p in complete_checkpoints(root) if p != ckpt],
@@ -74,6 +78,10 @@ def info(path: Path, check: bool, as_json: bool) -> int:
         print(f"model           {index['backbone']}, {index['num_classes']} classes x "
               f"{index['embedding_size']} ({index['classifier_dtype']}"
               f"{', with momentum' if facts['momentum'] else ''})")
+        ema = facts["backbone_ema"]
+        print("backbone EMA    " + (f"decay {ema['decay']}, {ema['updates']} updates (export and "
+                                    "evaluation use it; --raw-weights: the trained weights)"
+                                    if ema else "none (backbone.ema_decay was 0)"))
         print(f"size            {human_size(total)} in {len(files)} files "
               f"(classifier {human_size(classifier)})")
         print(f"pointers        latest -> {facts['latest']}, best -> {facts['best']}")
@@ -90,13 +98,14 @@ def info(path: Path, check: bool, as_json: bool) -> int:
     return EXIT_DAMAGED if problems else EXIT_OK
 
 
-def export_backbone(path: Path, out: Path) -> int:
+def export_backbone(path: Path, out: Path, raw: bool) -> int:
     ckpt = resolve(path)
     index = read_index(ckpt)
-    state = read_replicated(ckpt, index)["backbone"]
+    state, used = checkpoint_weights(read_replicated(ckpt, index), "raw" if raw else "ema", ckpt / REPLICATED)
     write_atomic_with(out, lambda f: torch.save(state, f))
     params = sum(t.numel() for t in state.values() if t.is_floating_point())
-    print(f"wrote {out}: {index['backbone']} backbone of step {index['step']} "
+    kind = "EMA" if used == "ema" else "raw (trained)" + ("" if raw else "; the checkpoint has no EMA")
+    print(f"wrote {out}: {index['backbone']} backbone of step {index['step']}, {kind} weights "
           f"({len(state)} tensors, {params / 1e6:.2f} M values), embedding size "
           f"{index['embedding_size']}; load with get_backbone(name).load_state_dict(torch.load(...))")
     return EXIT_OK
@@ -124,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("path", type=Path, metavar="PATH")
     p.add_argument("out", type=Path, metavar="OUT.pt")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="the trained weights instead of the EMA (default: the EMA when the run kept "
+                   "one, backbone.ema_decay > 0)")
     p = sub.add_parser(
         "import-arcface-torch", help="turn an arcface_torch run (checkpoint_gpu_{rank}.pt per GPU) "
         "into an arcshard checkpoint that resumes at any world size",
@@ -170,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_DAMAGED if problems else EXIT_OK
         if args.command == "import-arcface-torch":
             return import_arcface_torch(args)
-        return export_backbone(args.path, args.out)
+        return export_backbone(args.path, args.out, args.raw_weights)
     except (CheckpointError, ConfigError) as e:
         print(f"arcshard-ckpt: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -4,6 +4,10 @@
     arcshard-eval ijb --checkpoint output/run1 --root /data/IJB_release --set IJBC
     arcshard-eval verify --model model.onnx --bin lfw.bin        (an exported ONNX model)
 
+A checkpoint's EMA weights are evaluated when the run kept an average
+(backbone.ema_decay > 0); `--raw-weights` evaluates its trained weights instead. Which
+were used is printed on stderr.
+
 User errors (missing or corrupt files, a checkpoint that does not load) are one line on
 stderr naming the file and exit code 2.
 """
@@ -21,7 +25,7 @@ from pathlib import Path
 
 from trainer import exit_codes
 from trainer.cli.extras import install_hint
-from trainer.cli.weights import add_weights_arguments, weights_model
+from trainer.cli.weights import add_weights_arguments, checkpoint_model, weights_model
 
 EXIT_OK, EXIT_USAGE = exit_codes.OK, exit_codes.USAGE
 
@@ -124,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _embedder(args: argparse.Namespace):
-    """The model named by --checkpoint, --model or --weights."""
+    """The model named by --checkpoint (its EMA unless --raw-weights), --model or --weights."""
     import torch
 
     from trainer.evaluation.embedder import TorchEmbedder, load_embedder
@@ -140,7 +144,10 @@ def _embedder(args: argparse.Namespace):
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    return load_embedder(path, batch_size=args.batch_size, device=device)
+    if args.model is not None:
+        return load_embedder(path, batch_size=args.batch_size, device=device)
+    module = checkpoint_model(path, args, f"arcshard-eval {args.command}").module
+    return TorchEmbedder(module.to(device), device=device, batch_size=args.batch_size)
 
 
 def run_verify(args: argparse.Namespace) -> list[dict]:

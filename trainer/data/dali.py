@@ -2,7 +2,8 @@
 
 One DALI pipeline per rank: `fn.readers.mxnet` over every shard's `.rec` with
 `shard_id=rank, num_shards=world_size`, JPEG decode (`device="mixed"`: nvJPEG on GPU;
-`"cpu"` on a CPU-only run), a random horizontal flip (`fn.random.coin_flip` as the
+`"cpu"` on a CPU-only run), `data.augment`'s operations (`_augment`: off unless asked), a
+random horizontal flip (`fn.random.coin_flip` as the
 `mirror` of `fn.crop_mirror_normalize`), the face contract's normalisation
 (`data_tools.face`: `(x - 127.5) / 127.5`) to CHW float32, wrapped in `DALIGenericIterator`. DALI's reader takes one index for all the
 `.rec` files, read as one concatenated stream; `combined_index` writes it (each shard's
@@ -29,6 +30,16 @@ consumed, so the resumed run reads the right part and the right number of batche
 not the same order within the shuffle buffer as an uninterrupted run (the PyTorch
 loader and the synthetic source resume exactly).
 
+Augmentation follows `trainer.data.augment` (order, formulas, distributions): each
+parameter is drawn per sample by `fn.random.uniform`/`coin_flip` from the spec's
+distribution (`_draw`) and passed as a tensor argument; an operation applied with a
+probability runs under a per-sample `if` (DALI conditionals). The crop is `fn.resize` of a
+relative ROI, the blur `fn.gaussian_blur` (same window and border as the fallback's), the
+erase `fn.erase` with whole-pixel boxes. The colour operations are DALI arithmetic of the
+spec's formula rather than `fn.brightness_contrast`/`fn.saturation`: `contrast_center`
+cannot take a per-image mean computed on the GPU (see DALI's own auto_aug `contrast`),
+and `fn.saturation`'s colour matrix leaves a grey image a level off (124, 124, 125).
+
 Labels are checked on the host and reach a GPU from pinned memory without blocking.
 A bad record (an `.idx` offset off the framing, a damaged JPEG) stops the pipeline with
 a `RuntimeError` that names no record; `epoch_batches` turns it into a `DataError`
@@ -39,11 +50,14 @@ the records of this rank's part the reader can have reached so far.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+import nvidia.dali.math as dmath
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -51,6 +65,17 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from data_tools.face import INPUT_SIZE, MEAN, STD
 from data_tools.recordio import RecordReader, read_index
 from data_tools.verify import check_record
+from trainer.data.augment import (
+    ERASE_FILL,
+    GRAY_WEIGHTS,
+    NO_AUGMENT,
+    POSITION,
+    AugmentSpec,
+    Bernoulli,
+    LogUniform,
+    Uniform,
+    box,
+)
 from trainer.data.batches import check_start, steps_per_epoch, to_device
 from trainer.data.errors import DataError
 
@@ -63,10 +88,10 @@ _DATA_OPERATORS = ("readers.mxnet", "decoders.image")  # a failure there is a ba
 Index = list[tuple[int, int]]  # (key, offset) per record of one shard
 
 
-@pipeline_def
+@pipeline_def(enable_conditionals=True)
 def _pipeline(
     rec_paths: Sequence[str], index_path: str, shard_id: int, num_shards: int,
-    shuffle: bool, flip: bool, decode_device: str,
+    shuffle: bool, flip: bool, decode_device: str, augment: AugmentSpec, size: int,
 ):
     jpegs, labels = fn.readers.mxnet(
         path=list(rec_paths), index_path=[index_path], shard_id=shard_id,
@@ -74,6 +99,8 @@ def _pipeline(
         pad_last_batch=True, name=_READER,
     )
     images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+    if augment.active:
+        images = _augment(images, augment, size)
     mirror = fn.random.coin_flip(probability=0.5) if flip else 0
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", mean=[MEAN] * 3, std=[STD] * 3,
@@ -82,11 +109,64 @@ def _pipeline(
     return images, labels
 
 
+def _draw(dist: Uniform | LogUniform | Bernoulli):
+    """One value per sample from one of `trainer.data.augment`'s distributions."""
+    if isinstance(dist, Bernoulli):
+        return fn.random.coin_flip(probability=dist.p, dtype=types.BOOL)
+    if isinstance(dist, LogUniform):
+        return dmath.exp(_draw(Uniform(math.log(dist.low), math.log(dist.high))))
+    if dist.low == dist.high:  # DALI refuses an empty range
+        return fn.random.uniform(values=[dist.low])
+    return fn.random.uniform(range=[dist.low, dist.high])
+
+
+def _box(spec):
+    """(top, left, height, width) fractions of one of the spec's random boxes."""
+    return box(_draw(spec.area), _draw(spec.aspect), _draw(POSITION), _draw(POSITION), dmath.sqrt, dmath.min)
+
+
+def _gray(x):
+    return fn.reductions.sum(x * types.Constant(np.array(GRAY_WEIGHTS, np.float32)), axes=[2], keep_dims=True)
+
+
+def _augment(images, spec: AugmentSpec, size: int):
+    """`spec`'s operations on decoded uint8 HWC `size`x`size` images, in `trainer.data.augment`'s order."""
+    if spec.crop is not None:
+        top, left, height, width = _box(spec.crop)
+        if _draw(spec.crop.p):
+            images = fn.resize(images, size=[size, size], roi_start=fn.stack(top, left),
+                               roi_end=fn.stack(top + height, left + width), roi_relative=True)
+    if spec.colour:
+        x = fn.cast(images, dtype=types.FLOAT)
+        m = fn.reductions.mean(_gray(x), axes=[0, 1], keep_dims=True)
+        if spec.contrast is not None:
+            x = m + _draw(spec.contrast) * (x - m)
+        if spec.brightness is not None:
+            x = _draw(spec.brightness) * x
+        s = _draw(spec.saturation) if spec.saturation is not None else 1.0
+        if spec.grayscale is not None:
+            s = s * (1.0 - fn.cast(_draw(spec.grayscale), dtype=types.FLOAT))
+        g = _gray(x)
+        images = fn.cast(g + s * (x - g), dtype=types.UINT8)  # rounds half up, saturates
+    if spec.blur is not None:
+        sigma = _draw(spec.blur_sigma)
+        if _draw(spec.blur):
+            images = fn.gaussian_blur(images, sigma=sigma)
+    if spec.erase is not None:
+        top, left, height, width = _box(spec.erase)
+        if _draw(spec.erase.p):
+            images = fn.erase(images, anchor=dmath.floor(fn.stack(top, left) * size),
+                              shape=dmath.floor(fn.stack(height, width) * size), axis_names="HW",
+                              fill_value=ERASE_FILL)
+    return images
+
+
 class DaliRecordIO:
     """This rank's batches from a DALI pipeline (a `trainer.data.source.BatchSource`).
 
     `rec_paths`/`idx_paths` list every shard of the dataset in manifest order;
-    `num_images` is the manifest's total. Batches are `(images float32 [B, 3, H, W] on
+    `num_images` is the manifest's total; `augment` (default: none) runs before the flip.
+    Batches are `(images float32 [B, 3, H, W] on
     `device`, labels int64 [B] on `device`)`; labels are checked against `num_classes`
     on the host before they move.
     """
@@ -108,6 +188,7 @@ class DaliRecordIO:
         dataset: str = "",
         first_epoch: int = 0,
         image_size: int = INPUT_SIZE,
+        augment: AugmentSpec = NO_AUGMENT,
     ) -> None:
         self.dataset = dataset or str(Path(rec_paths[0]).parent)
         self.steps_per_epoch = steps_per_epoch(
@@ -124,7 +205,7 @@ class DaliRecordIO:
             pipe = _pipeline(
                 rec_paths=[str(p) for p in rec_paths], index_path=str(index),
                 shard_id=(rank + first_epoch) % world_size, num_shards=world_size,
-                shuffle=shuffle, flip=flip,
+                shuffle=shuffle, flip=flip, augment=augment, size=image_size,
                 decode_device="mixed" if gpu else "cpu",
                 batch_size=batch_size, num_threads=threads,
                 device_id=(torch.cuda.current_device() if device.index is None else device.index)

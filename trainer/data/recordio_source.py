@@ -9,7 +9,8 @@ differs.
 
 `make_recordio_source` picks the loader: `data.loader=dali` is the DALI pipeline
 (`trainer.data.dali`), `torch` the pure-PyTorch fallback (`trainer.data.torch_loader`),
-`auto` DALI when `nvidia.dali` imports and the fallback otherwise. Both yield every
+`auto` DALI when `nvidia.dali` imports and the fallback otherwise; both apply
+`data.augment` (`trainer.data.augment`). Both yield every
 rank exactly `trainer.data.batches.steps_per_epoch` batches per epoch. The trainer
 reaches both through `trainer.data.source.build_source`.
 """
@@ -25,6 +26,7 @@ import torch
 
 from data_tools.manifest import Manifest, check_shard_files, load_manifest
 from trainer.config import ConfigError, DataConfig
+from trainer.data.augment import AugmentSpec
 from trainer.data.batches import steps_per_epoch
 from trainer.data.torch_loader import TorchRecordIO
 
@@ -84,6 +86,7 @@ def make_recordio_source(
         raise ConfigError(f"data.batch_size: {exc}") from None
     log.info("data: %s loader over %d images in %d shards of %s",
              loader, manifest.num_images, len(recs), directory)
+    flip, augment = data.augment.flip, AugmentSpec.from_config(data.augment)
     try:
         if loader == "dali":
             from trainer.data.dali import DaliRecordIO  # imports nvidia.dali
@@ -91,11 +94,11 @@ def make_recordio_source(
             return DaliRecordIO(
                 recs, idxs, manifest.num_images, manifest.num_classes, data.batch_size, rank,
                 world_size, seed, device, threads=max(1, data.workers), dataset=str(directory),
-                first_epoch=first_epoch, image_size=data.image_size,
+                first_epoch=first_epoch, image_size=data.image_size, flip=flip, augment=augment,
             )
         return TorchRecordIO(
             recs, idxs, manifest.num_classes, data.batch_size, rank, world_size, seed,
-            data.image_size, data.workers, device=device,
+            data.image_size, data.workers, flip=flip, device=device, augment=augment,
         )
     except ValueError as exc:  # a malformed .idx
         raise ConfigError(f"data.path: {exc}") from None

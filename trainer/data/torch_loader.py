@@ -1,7 +1,8 @@
 """Pure-PyTorch loader over a RecordIO training set: the fallback when DALI is missing.
 
 Records are read with `data_tools.recordio.RecordReader` (memory-mapped, opened lazily
-in each worker process: a mapping cannot be pickled), decoded with Pillow, flipped
+in each worker process: a mapping cannot be pickled), decoded with Pillow, augmented
+(`trainer.data.augment`, on uint8 in the worker: off unless `data.augment` asks), flipped
 horizontally at random and normalised with the face contract (`data_tools.face`) as CHW
 float32, the same transform as the DALI pipeline (`trainer.data.dali`). Workers hand
 over uint8 batches; the consumer normalises them on `device` (`trainer.data.batches`).
@@ -16,7 +17,8 @@ batch is dropped per epoch: `trainer.data.batches.steps_per_epoch`) and gives ra
 `[r * steps * B, (r + 1) * steps * B)`. Every rank runs `steps_per_epoch` batches and
 the ranks together read each kept record exactly once per epoch. A batch, its flips
 included, is a pure function of `(seed, epoch, rank, step)`, so `epoch_batches` can
-start at any step.
+start at any step; each sample's augmentation is a pure function of `(seed, epoch,
+record)` (`trainer.data.augment.unit_draws`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from data_tools.face import INPUT_SIZE
 from data_tools.recordio import RecordReader, read_index, unpack
 from data_tools.shards import Rejected, decode, open_encoded
+from trainer.data.augment import NO_AUGMENT, AugmentSpec, augment, unit_draws
 from trainer.data.batches import CPU, StepSource, steps_per_epoch
 from trainer.data.errors import DataError
 
@@ -45,7 +48,7 @@ class TorchRecordIO(StepSource):
 
     `rec_paths`/`idx_paths` list every shard in manifest order. Batches are
     `(images float32 [B, 3, H, W], labels int64 [B])` on `device`, decoded by `workers`
-    DataLoader processes (0: in this process).
+    DataLoader processes (0: in this process). `augment` (default: none) runs before the flip.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class TorchRecordIO(StepSource):
         shuffle: bool = True,
         flip: bool = True,
         device: torch.device = CPU,
+        augment: AugmentSpec = NO_AUGMENT,
     ) -> None:
         self.rec_paths = [Path(p) for p in rec_paths]
         self.idx_paths = [Path(p) for p in idx_paths]
@@ -84,6 +88,7 @@ class TorchRecordIO(StepSource):
         self.workers = workers
         self.shuffle = shuffle
         self.flip = flip
+        self.augment = augment
         self.device = device
         self._readers: dict[int, RecordReader] = {}  # opened lazily, per process
         self._mine: tuple[int, np.ndarray] | None = None  # (epoch, records(epoch))
@@ -115,10 +120,13 @@ class TorchRecordIO(StepSource):
         labels = np.empty(len(chosen), dtype=np.int64)
         for i, record in enumerate(chosen):
             labels[i] = self._decode(int(record), pixels[i])
+        images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+        if self.augment.active:
+            images = augment(images, self.augment, unit_draws(self.seed, epoch, chosen))
         if self.flip:
             flips = _generator(self.seed, _TAG_FLIP, epoch, self.rank, step).random(len(chosen)) < 0.5
-            pixels[flips] = pixels[flips, :, ::-1]
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+            images[torch.from_numpy(flips)] = images[torch.from_numpy(flips)].flip(-1)
+        return images.contiguous(), torch.from_numpy(labels)
 
     def _decode(self, record: int, out: np.ndarray) -> int:
         """Decode record number `record` into `out` (H, W, 3 uint8); return its checked label."""

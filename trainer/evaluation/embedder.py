@@ -1,9 +1,9 @@
 """Face images in, embeddings out: the one path every evaluation and the deploy tools share.
 
 * `preprocess` turns RGB uint8 faces into the network input with the face contract the
-  training data was made and loaded with (`data_tools.face`: 112x112, a non-square face
-  resized by its shorter side and centre-cropped as `arcshard-data build` does,
-  `(pixel - 127.5) / 127.5`, CHW float32).
+  training data was made and loaded with (`data_tools.face`: 112x112, a face of another
+  size made square by the `fit` the training set was built with, crop by default, as
+  `arcshard-data build --fit` does; `(pixel - 127.5) / 127.5`, CHW float32).
 * An `Embedder` maps a normalised float32 NCHW batch to raw (unnormalised) embeddings:
   `TorchEmbedder` wraps a backbone module, `OnnxEmbedder` an exported ONNX model
   (onnxruntime, CPU). `load_embedder` picks one from a path.
@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from data_tools.face import INPUT_SIZE, fit, normalise
+from data_tools import face
+from data_tools.face import INPUT_SIZE, normalise
 
 if TYPE_CHECKING:
     import torch
@@ -30,21 +31,23 @@ __all__ = ["INPUT_SIZE", "Embedder", "OnnxEmbedder", "TorchEmbedder", "embed", "
 _EPS = 1e-12  # L2 normalisation guard against an all-zero embedding
 
 
-def preprocess(images: np.ndarray) -> np.ndarray:
+def preprocess(images: np.ndarray, fit: str = "crop") -> np.ndarray:
     """RGB uint8 faces `[N, H, W, 3]` -> normalised network input float32 `[N, 3, 112, 112]`.
 
     Pixels map to `(pixel - 127.5) / 127.5`, the normalisation the training loaders
     apply. Images whose side is not `INPUT_SIZE` get the training set's geometry
-    (`data_tools.face.fit`: shorter side to 112, centre crop); pass aligned face crops,
-    since resizing does not align a face.
+    (`data_tools.face.fit` with `fit`, one of `data_tools.face.FIT_MODES`: pass the
+    manifest's `fit` of the model's training set); pass aligned face crops, since
+    resizing does not align a face.
     """
+    face.check_fit(fit)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(
             f"preprocess expects RGB uint8 images shaped [N, H, W, 3], got {images.dtype} "
             f"{list(images.shape)}"
         )
     if images.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
-        images = np.stack([fit(image) for image in images]) if len(images) else (
+        images = np.stack([face.fit(image, INPUT_SIZE, fit) for image in images]) if len(images) else (
             np.zeros((0, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
         )
     return normalise(images.transpose(0, 3, 1, 2))

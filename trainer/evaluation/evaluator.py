@@ -4,7 +4,9 @@ The loop tells it the step (`maybe_run`); it decides itself whether verification
 (every `eval.every` steps and at the last step), runs it on every rank (the pairs are
 split over ranks), logs and records the results, and says whether the
 `eval.best_target` accuracy is a new best (kept in `state.best`), so the Checkpointer
-can keep that checkpoint as `best`.
+can keep that checkpoint as `best`. With `backbone.ema_decay` > 0 it verifies the
+backbone's average (trainer/ema.py), the weights export and evaluation take from a
+checkpoint by default, so `best` is chosen by the weights that will be deployed.
 """
 
 from __future__ import annotations
@@ -70,17 +72,18 @@ class Evaluator:
         from trainer.evaluation.verification import evaluate_targets
 
         run = self.run
+        module, weights = (run.module, "raw") if run.ema is None else (run.ema.module, "ema")
         started = time.perf_counter()
         results = evaluate_targets(
-            run.module, run.eval_sets, run.ctx.device, run.cfg.eval.batch_size, run.cfg.eval.flip
+            module, run.eval_sets, run.ctx.device, run.cfg.eval.batch_size, run.cfg.eval.flip
         )
         seconds = time.perf_counter() - started
         for result in results.values():
-            log.info("step %d verification %s", state.step, result.summary())
+            log.info("step %d verification %s (%s weights)", state.step, result.summary(), weights)
             self.telemetry.metrics.verification(result.name, result.accuracy)
         self.telemetry.runlog.record({
             "step": state.step, "eval": {k: r.as_dict() for k, r in results.items()},
-            "eval_seconds": seconds,
+            "eval_seconds": seconds, "eval_weights": weights,
         })
         accuracy = results[self.target].accuracy
         if accuracy > state.best.get("accuracy", -1.0):
