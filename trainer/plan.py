@@ -111,6 +111,7 @@ class PlanInputs:
     amp16: bool = True  # backbone under 16-bit autocast (halves the activation estimate)
     activation_checkpointing: bool = False  # backbone blocks recomputed in backward
     subcenters: int = 1  # sub-center ArcFace: K centres per class, moved as one K·D row
+    ema: bool = False  # backbone.ema_decay > 0: one more fp32 copy of the backbone
 
     def __post_init__(self) -> None:
         checks = [
@@ -290,7 +291,8 @@ def _parts(i: PlanInputs, backbone_params: int) -> tuple[int, int, list[Part]]:
     add("update chunks, backward, sampling", per_chunk + row_dot + sampling,
         f"chunks + {min(k, ROW_DOT_CHUNK)}·D·{c} + 4(n+1) + 32K + 4·N·D·4")
     if i.backbone is not None:
-        copies_per_param = 3 + (2 if i.optimizer == "adamw" else 1)  # param, grad, bucket
+        # param, grad, DDP bucket, optimiser state (1 SGD, 2 AdamW), the EMA's copy
+        copies_per_param = 3 + (2 if i.optimizer == "adamw" else 1) + (1 if i.ema else 0)
         add("backbone params/grads/opt/DDP", backbone_params * 4 * copies_per_param,
             f"{backbone_params:,}·4·{copies_per_param}", classifier=False)
         table = ACTIVATION_BYTES_CHECKPOINTED if i.activation_checkpointing else ACTIVATION_BYTES_PER_IMAGE
@@ -380,6 +382,7 @@ def plan_for_config(cfg, world_size: int, device, local_world_size: int = 1) -> 
         amp16=amp16,
         subcenters=cfg.partial_fc.subcenters,
         activation_checkpointing=cfg.backbone.activation_checkpointing == "blocks",
+        ema=cfg.backbone.ema_decay > 0,
     )
     return make_plan(inputs)
 

@@ -170,13 +170,19 @@ def start(
 
 
 def save_backbone(run: Run) -> None:
-    """Rank 0: OUTPUT/backbone.pt, the final weights as CPU tensors (loads anywhere)."""
+    """Rank 0: OUTPUT/backbone.pt, the weights the run serves as CPU tensors (loads
+    anywhere): the average with `backbone.ema_decay` > 0 (then the trained weights go to
+    OUTPUT/backbone_raw.pt), else the trained weights."""
     if not run.ctx.is_main:
         return
-    out = Path(run.cfg.run.output_dir) / "backbone.pt"
-    weights = {k: v.detach().cpu() for k, v in run.module.state_dict().items()}
-    write_atomic_with(out, lambda f: torch.save(weights, f))
-    log.info("saved backbone weights to %s", out)
+    out = Path(run.cfg.run.output_dir)
+    files = [("backbone.pt", run.module, "trained")]
+    if run.ema is not None:
+        files = [("backbone.pt", run.ema.module, "averaged (EMA)"), ("backbone_raw.pt", run.module, "trained")]
+    for name, module, what in files:
+        weights = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        write_atomic_with(out / name, lambda f: torch.save(weights, f))
+        log.info("saved %s backbone weights to %s", what, out / name)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -362,3 +362,36 @@ def test_update_reads_nothing_back_to_the_host():
     broadcast included, calls no tensor-to-host read at world 2."""
     for reads, updates in run_world(_host_reads_worker, 2, timeout=300):
         assert reads == [] and updates == 4
+
+
+def test_a_finished_runs_backbone_pt_is_the_average_and_backbone_raw_pt_the_trained(tmp_path):
+    """The files a finished run leaves (no checkpoint): backbone.pt serves the average,
+    backbone_raw.pt keeps the trained weights; without an average only backbone.pt."""
+    from types import SimpleNamespace
+
+    from trainer.backbones import get_backbone
+    from trainer.checkpoint import load_backbone
+    from trainer.train import save_backbone
+
+    cfg = load_config(REPO / "trainer/configs/cpu_demo.yaml", [f"run.output_dir={tmp_path}"])
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    torch.manual_seed(0)
+    trained = get_backbone(cfg.backbone.name, embedding_size=cfg.backbone.embedding_size)
+    ema = BackboneEMA(trained, 0.9)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    ema.update()
+    run = SimpleNamespace(ctx=SimpleNamespace(is_main=True), cfg=cfg, module=trained, ema=ema)
+    save_backbone(run)
+    served, raw = load_backbone(tmp_path), load_backbone(tmp_path, weights="raw")
+    assert (served.weights, raw.weights) == ("ema", "raw")
+    _assert_same(served.module.state_dict(), ema.module.state_dict())
+    _assert_same(raw.module.state_dict(), trained.state_dict())
+    (tmp_path / "backbone_raw.pt").unlink()
+    run.ema = None
+    save_backbone(run)
+    assert not (tmp_path / "backbone_raw.pt").exists()
+    only = load_backbone(tmp_path)
+    assert only.weights == "raw"
+    _assert_same(only.module.state_dict(), trained.state_dict())

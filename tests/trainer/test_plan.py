@@ -13,7 +13,9 @@ from tests.distributed import run_world
 from trainer.optim import make_shard_optimizer
 from trainer.partial_fc import PartialFC
 from trainer.cli.plan import main
-from trainer.plan import GIB, PlanInputs, make_plan
+from trainer.backbones import get_backbone
+from trainer.config import load_config
+from trainer.plan import GIB, PlanInputs, make_plan, plan_for_config
 
 DIM, BATCH, RATE = 512, 16, 0.1
 
@@ -177,3 +179,12 @@ def test_cli_counts_adamw_state_and_checkpointed_activations(capsys):
     with pytest.raises(ValueError, match="activation_checkpointing"):
         PlanInputs(num_classes=10, world_size=1, device_memory=GIB, backbone="mobilefacenet",
                    activation_checkpointing=True)
+
+
+def test_backbone_ema_counts_one_more_fp32_copy_of_the_backbone():
+    common = dict(num_classes=10**5, world_size=2, device_memory=80 * GIB, backbone="iresnet50")
+    plain, ema = make_plan(PlanInputs(**common)), make_plan(PlanInputs(**common, ema=True))
+    params = sum(p.numel() for p in get_backbone("iresnet50", embedding_size=512).parameters())
+    assert ema.device_bytes - plain.device_bytes == params * 4
+    cfg = load_config("trainer/configs/cpu_demo.yaml", ["backbone.ema_decay=0.99"])
+    assert plan_for_config(cfg, 2, torch.device("cpu")).inputs.ema

@@ -31,7 +31,8 @@ from trainer.config import Config, ConfigError, load_config
 
 log = logging.getLogger("trainer.checkpoint")
 
-FINAL_WEIGHTS = "backbone.pt"
+FINAL_WEIGHTS = "backbone.pt"  # the served weights: the average when the run kept one
+FINAL_RAW_WEIGHTS = "backbone_raw.pt"  # with an average: the trained weights
 FINAL_CONFIG = "config.yaml"
 WEIGHTS = ("ema", "raw")
 
@@ -69,7 +70,7 @@ def load_backbone(
         ckpt = resolve(path)
     except CheckpointError:
         if (path / FINAL_WEIGHTS).is_file() and (path / FINAL_CONFIG).is_file():
-            return _load_final_backbone(path, map_location)
+            return _load_final_backbone(path, map_location, weights)
         raise
     index = read_index(ckpt)
     cfg = read_config(ckpt, index, verify)
@@ -93,8 +94,12 @@ def _model(cfg: Config) -> nn.Module:
     return get_backbone(cfg.backbone.name, embedding_size=cfg.backbone.embedding_size)
 
 
-def _load_final_backbone(run_dir: Path, map_location: str | torch.device) -> TrainedBackbone:
-    weights, config = run_dir / FINAL_WEIGHTS, run_dir / FINAL_CONFIG
+def _load_final_backbone(run_dir: Path, map_location: str | torch.device, wanted: str) -> TrainedBackbone:
+    """A finished run's `backbone.pt` (the average when the run kept one: then its trained
+    weights are `backbone_raw.pt`) for `wanted` ("ema" or "raw")."""
+    raw = run_dir / FINAL_RAW_WEIGHTS
+    used = ("raw" if wanted == "raw" or not raw.is_file() else "ema")
+    weights, config = (raw if wanted == "raw" and raw.is_file() else run_dir / FINAL_WEIGHTS), run_dir / FINAL_CONFIG
     try:
         cfg = load_config(config)
     except ConfigError as e:
@@ -109,8 +114,8 @@ def _load_final_backbone(run_dir: Path, map_location: str | torch.device) -> Tra
             f"{cfg.backbone.embedding_size} ({config}): {state_dict_problem(e)}; the weights "
             f"and {FINAL_CONFIG} must come from the same run"
         ) from None
-    log.info("%s: raw backbone weights (a finished run's final weights)", weights)
-    return TrainedBackbone(module.to(map_location).eval(), cfg, "raw")
+    log.info("%s: %s backbone weights (a finished run's final weights)", weights, used)
+    return TrainedBackbone(module.to(map_location).eval(), cfg, used)
 
 
 # Blocks per stage -> our iresnet name, to say what a file of unknown origin holds.
@@ -166,7 +171,8 @@ def read_weights(path: str | os.PathLike[str], weights: str = "ema") -> dict[str
         except CheckpointError:
             if not (path / FINAL_WEIGHTS).is_file():
                 raise
-            return read_weights(path / FINAL_WEIGHTS)
+            raw = path / FINAL_RAW_WEIGHTS
+            return read_weights(raw if weights == "raw" and raw.is_file() else path / FINAL_WEIGHTS)
         state, used = checkpoint_weights(read_replicated(ckpt, read_index(ckpt)), weights, ckpt / REPLICATED)
         log.info("%s: %s backbone weights", ckpt, used)
         return state
