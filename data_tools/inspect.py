@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"dataset     {directory}")
     print(f"images      {manifest.num_images}")
     print(f"classes     {manifest.num_classes}")
-    print(f"image size  {h}x{w} (HxW)")
+    print(f"image size  {h}x{w} (HxW), fit {manifest.fit}")
     total_bytes = sum(s.rec_bytes + s.idx_bytes for s in manifest.shards)
     print(f"shards      {len(manifest.shards)}, {_size(total_bytes)} in all")
     for s in manifest.shards:

@@ -85,7 +85,7 @@ def test_inspect_prints_counts_and_writes_contact_sheet(dataset, capsys):
     out = capsys.readouterr().out
     assert re.search(r"^images\s+10$", out, re.M)
     assert re.search(r"^classes\s+5$", out, re.M)
-    assert re.search(r"^image size\s+24x24", out, re.M)
+    assert re.search(r"^image size\s+24x24 \(HxW\), fit crop$", out, re.M)
     assert re.search(r"train-00000\.rec\s+6 records", out)
     assert re.search(r"train-00001\.rec\s+4 records", out)
     # class counts: 0:2, 1:3, 2:2, 3:2, 4:1
