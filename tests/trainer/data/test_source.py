@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +16,8 @@ from trainer.data import build_source
 from trainer.data.batches import _Steps, steps_per_epoch, to_device
 from trainer.data.synthetic import SyntheticIdentities
 from trainer.data.torch_loader import TorchRecordIO
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _synthetic(*overrides: str):
@@ -26,9 +32,20 @@ def test_steps_per_epoch_is_one_rule():
         steps_per_epoch(5, 3, 2, "n", "fix it")
 
 
-@pytest.mark.timeout(120)  # a DataLoader worker hung once in a loaded full run; fail, do not hang
+# In a fresh process: twice in full runs a forked DataLoader worker hung when forked from
+# the pytest process, which by then holds threads of earlier tests (tqdm's monitor, queue
+# feeders); a trainer forks its workers from a process without those. The timeout makes a
+# hang a failure, never a stuck suite.
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", ["identities", "noise"])
 def test_synthetic_workers_ship_uint8_and_the_trainer_sees_the_same_batches(mode):
+    code = f"from tests.trainer.data.test_source import _workers_ship_uint8; _workers_ship_uint8({mode!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _workers_ship_uint8(mode: str) -> None:
     data = _synthetic("data.workers=0", f"data.synthetic_mode={mode}")
     inline = build_source(data, 1, 2, 7, CPU)
     data.workers = 2
